@@ -1,0 +1,1 @@
+"""facewatch daemon: supervisor, configuration and the command line."""

@@ -1,0 +1,1 @@
+"""Exporters: trained checkpoints to ONNX files with embedded metadata."""

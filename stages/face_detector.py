@@ -1,0 +1,105 @@
+"""The YOLOv8 face detector as the daemon runs it: onnxruntime, letterbox, batch, decode, NMS.
+
+The model is a one-class ultralytics YOLOv8 export: input `images [N, 3, S, S]` (RGB, 0..1),
+output `[N, 5, anchors]` rows (cx, cy, w, h, score) in input pixels. Input size and stride are
+read from the file's metadata, so the daemon never duplicates them.
+"""
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+
+from stages.detections import Detections
+from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
+
+log = logging.getLogger("facewatch.detector")
+PAD_VALUE = 114  # ultralytics' letterbox grey: the model was trained on it
+
+
+def letterbox(frame: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """Resize keeping aspect ratio and pad to size x size; return image, scale and (pad_x, pad_y)."""
+    h, w = frame.shape[:2]
+    scale = min(size / h, size / w)
+    nh, nw = round(h * scale), round(w * scale)
+    resized = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else frame
+    pad_x, pad_y = (size - nw) / 2, (size - nh) / 2
+    top, left = round(pad_y - 0.1), round(pad_x - 0.1)
+    out = cv2.copyMakeBorder(resized, top, size - nh - top, left, size - nw - left,
+                             cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return out, scale, (left, top)
+
+
+class FaceDetector:
+    def __init__(self, model_path, providers=DEFAULT_PROVIDERS, conf_threshold: float = 0.35,
+                 iou_threshold: float = 0.5, imgsz: int | None = None, threads: int = 0,
+                 max_detections: int = 300):
+        self.session = load_session(model_path, providers, threads, what="face detector")
+        self.meta = metadata(self.session)
+        self._check_model(model_path)
+        self.input_name = self.session.get_inputs()[0].name
+        meta_size = self.meta.get("imgsz")
+        self.imgsz = int(imgsz or (meta_size[0] if isinstance(meta_size, (list, tuple)) else meta_size or 640))
+        self.stride = int(self.meta.get("stride", 32))
+        if self.imgsz % self.stride:
+            raise ValueError(f"imgsz must be a multiple of the model stride {self.stride}, got {self.imgsz}")
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+        self.max_detections = max_detections
+        self.provider = self.session.get_providers()[0]
+
+    def _check_model(self, path) -> None:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[1] != 3:
+            raise ModelError(f"face detector {path}: expected one input [N, 3, H, W], got "
+                             f"{[(i.name, i.shape) for i in inputs]}")
+        shape = outputs[0].shape
+        if len(outputs) != 1 or len(shape) != 3 or shape[1] != 5:
+            raise ModelError(f"face detector {path}: not a one-class YOLOv8 detector (expected one "
+                             f"output [N, 5, anchors], got {[(o.name, o.shape) for o in outputs]})")
+        task = self.meta.get("task")
+        if task not in (None, "detect"):
+            raise ModelError(f"face detector {path}: model task is {task!r}, expected 'detect'")
+
+    def preprocess(self, frames: list[np.ndarray]) -> tuple[np.ndarray, list]:
+        batch = np.empty((len(frames), 3, self.imgsz, self.imgsz), np.float32)
+        geometry = []
+        for i, frame in enumerate(frames):
+            if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+                raise ValueError(f"frame {i} must be HxWx3 uint8 BGR, got {frame.shape} {frame.dtype}")
+            image, scale, pad = letterbox(frame, self.imgsz)
+            # BGR HWC uint8 -> RGB CHW float 0..1
+            batch[i] = image[:, :, ::-1].transpose(2, 0, 1) * np.float32(1 / 255)
+            geometry.append((scale, pad, frame.shape[:2]))
+        return batch, geometry
+
+    def decode(self, output: np.ndarray, geometry) -> list[Detections]:
+        results = []
+        for rows, (scale, (pad_x, pad_y), (h, w)) in zip(output, geometry):
+            scores = rows[4]
+            keep = scores > self.conf_threshold
+            if not np.any(keep):
+                results.append(Detections.empty())
+                continue
+            cx, cy, bw, bh = rows[:4, keep]
+            scores = scores[keep]
+            boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+            # NMS in input pixels with top-left/width/height as OpenCV expects
+            xywh = np.stack([boxes[:, 0], boxes[:, 1], bw, bh], axis=1)
+            idx = cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), self.conf_threshold,
+                                   self.iou_threshold, top_k=self.max_detections)
+            idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+            boxes = (boxes[idx] - [pad_x, pad_y, pad_x, pad_y]) / scale
+            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+            results.append(Detections(boxes.astype(np.float32), scores[idx].astype(np.float32)))
+        return results
+
+    def detect(self, frames: list[np.ndarray]) -> list[Detections]:
+        """Faces in each frame (any sizes, one batched inference)."""
+        if not frames:
+            return []
+        batch, geometry = self.preprocess(frames)
+        output = self.session.run(None, {self.input_name: batch})[0]
+        return self.decode(output, geometry)

@@ -1,0 +1,64 @@
+"""Loading ONNX models: execution-provider choice, clear refusals, embedded metadata."""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger("facewatch.onnx")
+
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+_fallback_logged: set[str] = set()
+
+
+class ModelError(ValueError):
+    """A model file that cannot be used; the message names the file and what was expected."""
+
+
+def choose_providers(requested) -> list[str]:
+    """Keep the requested providers that this onnxruntime build has, in order; CPU always last."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in requested if p in available]
+    missing = [p for p in requested if p not in available]
+    for provider in missing:
+        if provider not in _fallback_logged:  # once per process, not once per model or frame
+            _fallback_logged.add(provider)
+            log.warning("%s requested but not available in this onnxruntime build (%s); "
+                        "falling back to %s", provider, ort.__version__,
+                        chosen[0] if chosen else "CPUExecutionProvider")
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def load_session(path, providers=DEFAULT_PROVIDERS, threads: int = 0,
+                 what: str = "model") -> ort.InferenceSession:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{what} file not found: {path}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), options, providers=choose_providers(providers))
+    except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+        raise ModelError(f"{what} {path} is not a loadable ONNX model: "
+                         f"{str(exc).splitlines()[0][:300]}") from exc
+    return session
+
+
+def metadata(session: ort.InferenceSession) -> dict[str, object]:
+    """Custom metadata of the file; JSON values and Python literals are decoded."""
+    out: dict[str, object] = {}
+    for key, value in session.get_modelmeta().custom_metadata_map.items():
+        try:
+            out[key] = json.loads(value)
+        except (ValueError, TypeError):
+            try:  # ultralytics writes Python reprs, e.g. names "{0: 'face'}"
+                out[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                out[key] = value
+    return out

@@ -1,0 +1,85 @@
+"""Train the one-class YOLOv8 face detector with ultralytics on the fixed WIDER FACE split.
+
+    facewatch train-detector --size n --imgsz 640 --epochs 300 [--hours 1.0] [--resume]
+
+Runs go to `runs/detector/<name>/` (weights/last.pt is the resume point, weights/best.pt the
+model to export). Nothing here touches the network.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+from training.paths import require_dir, runs_dir, shared_data_dir
+from training.ultralytics_env import configure_offline
+from training.widerface import write_dataset_yaml
+
+log = logging.getLogger("facewatch.train_detector")
+
+# Heavy augmentation: 1,160 training images are ~10x fewer than WIDER's train split.
+AUGMENT = dict(mosaic=1.0, mixup=0.1, copy_paste=0.0, scale=0.6, translate=0.1, fliplr=0.5,
+               hsv_h=0.015, hsv_s=0.7, hsv_v=0.4, degrees=0.0, close_mosaic=5)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None,
+                        help="WIDER FACE folder (images/, labels/); default $FACEWATCH_DATA/widerface")
+    parser.add_argument("--size", choices=["n", "s", "m"], default="n", help="YOLOv8 model size")
+    parser.add_argument("--imgsz", type=int, default=640, help="training image size (pixels)")
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--hours", type=float, default=None,
+                        help="wall-clock budget; ultralytics fits the LR schedule to it")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="'cpu' or a CUDA index such as '0'")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--name", default=None, help="run name (default yolov8<size>-<imgsz>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last.pt")
+
+
+def run(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+def train(args: argparse.Namespace) -> Path:
+    configure_offline()
+    data_root = require_dir(Path(args.data or shared_data_dir() / "widerface"), "WIDER FACE folder")
+    name = args.name or f"yolov8{args.size}-{args.imgsz}"
+    project = runs_dir() / "detector"
+    data_yaml, report = write_dataset_yaml(data_root, project / name / "dataset")
+    for side in ("train", "val"):
+        log.info("%s: %d images, %d skipped", side, report[side]["images"], report[side]["skipped"])
+        for rel, reason in report[side]["skipped_reasons"].items():
+            log.warning("skipped %s: %s", rel, reason)
+    (project / name / "dataset" / "report.json").write_text(json.dumps(report, indent=1))
+
+    from ultralytics import YOLO  # after configure_offline: its import probes the network
+
+    last = project / name / "weights" / "last.pt"
+    if args.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume given but no checkpoint at {last}")
+        YOLO(str(last)).train(resume=True)
+    else:
+        model = YOLO(f"yolov8{args.size}.yaml")
+        model.train(data=str(data_yaml), epochs=args.epochs, time=args.hours, imgsz=args.imgsz,
+                    batch=args.batch, device=args.device, workers=args.workers, project=str(project),
+                    name=name, exist_ok=True, pretrained=False, amp=False, plots=True, seed=0,
+                    deterministic=False, patience=0, cache="ram", verbose=True, **AUGMENT)
+    best = project / name / "weights" / "best.pt"
+    log.info("best checkpoint: %s", best)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
