@@ -18,17 +18,31 @@ log = logging.getLogger("facewatch.detector")
 PAD_VALUE = 114  # ultralytics' letterbox grey: the model was trained on it
 
 
-def letterbox(frame: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """Resize keeping aspect ratio and pad to size x size; return image, scale and (pad_x, pad_y)."""
+def letterbox(frame: np.ndarray, size: int, shape: tuple[int, int] | None = None
+              ) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Resize so the longer side fits `size`, keep the aspect ratio, pad (centred) to `shape`
+    (height, width; default size x size). Returns the image, the scale and (pad_x, pad_y)."""
     h, w = frame.shape[:2]
+    out_h, out_w = shape or (size, size)
     scale = min(size / h, size / w)
     nh, nw = round(h * scale), round(w * scale)
     resized = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nh, nw) != (h, w) else frame
-    pad_x, pad_y = (size - nw) / 2, (size - nh) / 2
+    pad_x, pad_y = (out_w - nw) / 2, (out_h - nh) / 2
     top, left = round(pad_y - 0.1), round(pad_x - 0.1)
-    out = cv2.copyMakeBorder(resized, top, size - nh - top, left, size - nw - left,
+    out = cv2.copyMakeBorder(resized, top, out_h - nh - top, left, out_w - nw - left,
                              cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
     return out, scale, (left, top)
+
+
+def batch_shape(frames: list[np.ndarray], size: int, stride: int) -> tuple[int, int]:
+    """Smallest stride-aligned (h, w) that holds every frame letterboxed to `size`: a 16:9 batch
+    at 640 runs at 640x384 instead of 640x640, 40% less work (as ultralytics' rect inference)."""
+    h = w = 0
+    for frame in frames:
+        fh, fw = frame.shape[:2]
+        scale = min(size / fh, size / fw)
+        h, w = max(h, round(fh * scale)), max(w, round(fw * scale))
+    return (-(-h // stride) * stride, -(-w // stride) * stride)
 
 
 class FaceDetector:
@@ -48,6 +62,8 @@ class FaceDetector:
         self.iou_threshold = iou_threshold
         self.max_detections = max_detections
         self.provider = self.session.get_providers()[0]
+        # A fixed-shape export only accepts size x size; a dynamic one takes the tighter rectangle.
+        self.dynamic_shape = not all(isinstance(d, int) for d in self.session.get_inputs()[0].shape[2:])
 
     def _check_model(self, path) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -63,15 +79,18 @@ class FaceDetector:
             raise ModelError(f"face detector {path}: model task is {task!r}, expected 'detect'")
 
     def preprocess(self, frames: list[np.ndarray]) -> tuple[np.ndarray, list]:
-        batch = np.empty((len(frames), 3, self.imgsz, self.imgsz), np.float32)
-        geometry = []
         for i, frame in enumerate(frames):
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
                 raise ValueError(f"frame {i} must be HxWx3 uint8 BGR, got {frame.shape} {frame.dtype}")
-            image, scale, pad = letterbox(frame, self.imgsz)
-            # BGR HWC uint8 -> RGB CHW float 0..1
-            batch[i] = image[:, :, ::-1].transpose(2, 0, 1) * np.float32(1 / 255)
+        shape = (batch_shape(frames, self.imgsz, self.stride) if self.dynamic_shape
+                 else (self.imgsz, self.imgsz))
+        images, geometry = [], []
+        for frame in frames:
+            image, scale, pad = letterbox(frame, self.imgsz, shape)
+            images.append(image)
             geometry.append((scale, pad, frame.shape[:2]))
+        # BGR HWC uint8 -> RGB NCHW float 0..1 in one pass
+        batch = cv2.dnn.blobFromImages(images, 1 / 255.0, swapRB=True)
         return batch, geometry
 
     def decode(self, output: np.ndarray, geometry) -> list[Detections]:

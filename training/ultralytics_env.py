@@ -23,5 +23,4 @@ def configure_offline(config_dir: Path | None = None) -> Path:
     os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ["YOLO_AUTOINSTALL"] = "0"
-    os.environ.setdefault("YOLO_VERBOSE", "False")
     return config_dir

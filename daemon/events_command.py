@@ -1,0 +1,131 @@
+"""`facewatch events`: subscribe to the daemon's event PUB socket and print one JSON line each.
+
+Lost events are reported on stderr from the `seq` numbers (a slow subscriber loses events at
+the publisher's high-water mark; ZeroMQ says nothing). Output is flushed per line so that
+`facewatch events | jq` and scripts see events as they happen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from stages.messages import EVENT_TYPES, MessageError, parse_event
+from stages.transport import Defaults
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5570"  # the default of publish.endpoint in the config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
+                   help=f"the daemon's event endpoint (default {DEFAULT_ENDPOINT})")
+    p.add_argument("--type", dest="types", action="extend", nargs="+", choices=EVENT_TYPES,
+                   help="print only these event types (default: all)")
+    p.add_argument("--count", type=int, help="exit after printing this many events")
+    p.add_argument("--timeout", type=float,
+                   help="exit after this many seconds without an event (status 1 if --count "
+                        "was not reached)")
+    p.add_argument("--server-key", help="CURVE public key of the daemon (Z85, 40 characters, or "
+                                        "a zmq certificate file); encrypts the connection")
+
+
+def _server_key(value: str) -> bytes:
+    if Path(value).is_file():
+        public, _ = zmq.auth.load_certificate(value)
+        return public
+    if len(value) != 40:
+        raise ValueError(f"--server-key must be a 40-character Z85 key or a certificate file, "
+                         f"got {len(value)} characters")
+    return value.encode("ascii")
+
+
+def open_subscriber(ctx: zmq.Context, endpoint: str, server_key: str | None = None) -> zmq.Socket:
+    """A SUB socket for events. Built here, not by transport.Transport.subscriber, because CURVE
+    keys must be set before connect(); the limits still come from transport.Defaults."""
+    sock = ctx.socket(zmq.SUB)
+    sock.linger = 0
+    sock.rcvhwm = Defaults.PUB_HWM  # as deep as the publisher's queue for us
+    sock.reconnect_ivl = Defaults.RECONNECT_IVL_MS  # a restarting daemon is found again quickly
+    sock.reconnect_ivl_max = Defaults.RECONNECT_IVL_MAX_MS
+    if server_key:
+        if not zmq.has("curve"):
+            raise ValueError("--server-key given but this libzmq has no CURVE support")
+        sock.curve_serverkey = _server_key(server_key)
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()  # ephemeral client key
+    sock.subscribe(b"")  # events carry no topic prefix: filter by type after parsing
+    try:
+        sock.connect(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close()
+        raise ValueError(f"cannot connect to --endpoint {endpoint!r}: {exc}") from exc
+    return sock
+
+
+class SeqWatch:
+    """Gaps in one publisher's seq: the number of events lost between two received ones."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def check(self, seq: int) -> str | None:
+        last, self.last = self.last, seq
+        if last is None or seq == last + 1:
+            return None
+        if seq <= last:
+            return f"seq went back from {last} to {seq}: the daemon restarted"
+        lost = seq - last - 1
+        span = f"seq {last + 1}" if lost == 1 else f"seq {last + 1}..{seq - 1}"
+        return f"missed {lost} event{'s' * (lost > 1)} ({span})"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise ValueError(f"--count must be at least 1, got {args.count}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    ctx = zmq.Context()
+    sock = open_subscriber(ctx, args.endpoint, args.server_key)
+    try:
+        return _loop(sock, args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `facewatch events | head`: the reader left, not an error
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _loop(sock: zmq.Socket, args: argparse.Namespace) -> int:
+    watch, printed = SeqWatch(), 0
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    timeout_ms = None if args.timeout is None else int(args.timeout * 1000)
+    while args.count is None or printed < args.count:
+        if not poller.poll(timeout_ms):
+            if args.count is None:
+                return 0
+            print(f"facewatch events: {args.timeout:g} s without an event; got {printed} of "
+                  f"{args.count}", file=sys.stderr)
+            return 1
+        frames = sock.recv_multipart()
+        try:  # a topic, if the publisher sends one, is a separate first frame
+            event = parse_event(frames[-1])
+        except MessageError as exc:
+            print(f"facewatch events: ignored a message: {exc}", file=sys.stderr, flush=True)
+            continue
+        gap = watch.check(int(event["seq"]))
+        if gap:
+            print(f"facewatch events: {gap}", file=sys.stderr, flush=True)
+        if args.types and event["type"] not in args.types:
+            continue
+        print(json.dumps(event, ensure_ascii=False, separators=(",", ":")), flush=True)
+        printed += 1
+    return 0

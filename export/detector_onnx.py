@@ -1,0 +1,68 @@
+"""`facewatch export-detector`: ultralytics checkpoint -> ONNX with dynamic batch and metadata.
+
+ultralytics' exporter writes the graph and its own metadata (imgsz, stride, names, task); we add
+what the project needs to know about the model: its training data, split and validation metrics,
+measured on the exported file itself.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from training.paths import shared_data_dir
+from training.ultralytics_env import configure_offline
+
+log = logging.getLogger("facewatch.export")
+TRAINING_DATA = ("WIDER FACE validation images (1,450, shared copy), split by event class: "
+                 "training/splits/widerface_split.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, required=True, help="ultralytics .pt checkpoint")
+    parser.add_argument("--out", type=Path, default=Path("models/face_detector.onnx"))
+    parser.add_argument("--imgsz", type=int, default=640, help="default inference size in metadata")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--no-eval", action="store_true", help="skip the validation-split evaluation")
+
+
+def export_onnx(weights: Path, out: Path, imgsz: int, opset: int) -> Path:
+    if not weights.is_file():
+        raise FileNotFoundError(f"detector checkpoint not found: {weights}")
+    configure_offline()
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights))
+    if model.task != "detect" or len(model.names) != 1:
+        raise ValueError(f"{weights}: expected a one-class detection checkpoint, got task "
+                         f"{model.task!r} with classes {model.names}")
+    exported = Path(model.export(format="onnx", opset=opset, dynamic=True, simplify=True,
+                                 imgsz=imgsz, device="cpu"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(exported), out)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from export.onnx_metadata import set_metadata
+
+    out = export_onnx(args.weights, args.out, args.imgsz, args.opset)
+    meta = {"facewatch_detector": "1", "training_data": TRAINING_DATA,
+            "checkpoint_sha256": hashlib.sha256(args.weights.read_bytes()).hexdigest()[:16]}
+    if not args.no_eval:
+        from stages.face_detector import FaceDetector
+        from training.evaluate_detector import EVAL_CONF, evaluate_detector, select_records
+
+        root = shared_data_dir() / "widerface"
+        detector = FaceDetector(out, providers=["CPUExecutionProvider"], conf_threshold=EVAL_CONF)
+        metrics = evaluate_detector(detector, select_records(root / "wider_face_bbx_gt.txt", "val", None),
+                                    root / "images")
+        metrics["split"] = "val"
+        meta["validation_metrics"] = metrics
+        log.info("validation metrics of %s: %s", out, json.dumps(metrics))
+    set_metadata(out, meta)
+    print(json.dumps({"model": str(out), **{k: v for k, v in meta.items() if k != "training_data"}}))
+    return 0

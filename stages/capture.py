@@ -1,0 +1,308 @@
+"""Capture: one process per camera. Reads frames, stamps them, and hands the newest ones on.
+
+- Sources: rtsp:// (any FFmpeg URL), /dev/videoN (V4L2), video files (looped or not).
+- A reader thread decodes continuously (a live stream must be drained or it lags), stamps the
+  media timestamp (pts, seconds) and the wall clock, applies the fps cap and region of interest,
+  and puts frames in a small `DropOldestQueue`. The stage's main thread sends from that queue
+  with non-blocking sends; when downstream is slow the queue overflows and the *oldest* frame is
+  dropped and counted, so detection always works on recent frames.
+- A lost or unopenable source is retried with capped exponential backoff; the camera_up gauge
+  and reconnect counter tell the operator. A non-looping file ends with EndOfStream.
+- `realtime: false` (files only) never drops: the reader blocks until the pipeline takes frames.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+
+import cv2
+import numpy as np
+
+from stages.messages import EndOfStream, VideoFrame
+from stages.stage import Backoff, Stage
+from stages.transport import Defaults
+
+_END = object()   # queue sentinel: the source ended for good (non-looping file)
+
+
+class DropOldestQueue:
+    """A bounded FIFO shared by one producer and one consumer thread.
+
+    Full: `put` drops the oldest item (counted) - or, with block_when_full, waits for room."""
+
+    def __init__(self, maxlen: int, block_when_full: bool = False):
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        self.maxlen, self.block_when_full = maxlen, block_when_full
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def put(self, item, stop: threading.Event | None = None) -> int:
+        """Append; return how many items were dropped to make room (0 or 1)."""
+        with self._cond:
+            while self.block_when_full and len(self._items) >= self.maxlen:
+                if stop is not None and stop.is_set():
+                    return 0
+                self._cond.wait(0.1)
+            dropped = 0
+            if len(self._items) >= self.maxlen:
+                self._items.popleft()
+                dropped = 1
+                self.dropped += 1
+            self._items.append(item)
+            self._cond.notify_all()
+            return dropped
+
+    def get(self, timeout_s: float):
+        """Remove and return the oldest item, or None after timeout_s."""
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout_s)
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def requeue(self, item) -> bool:
+        """Put an item that could not be sent back at the front. If newer items filled the
+        queue meanwhile, it is the oldest: drop it (counted) and return False."""
+        with self._cond:
+            if len(self._items) >= self.maxlen and not self.block_when_full:
+                return False   # the caller counts it
+            self._items.appendleft(item)
+            self._cond.notify_all()
+            return True
+
+
+class VideoSource:
+    """cv2.VideoCapture around one camera config: open with timeouts, read with timestamps."""
+
+    def __init__(self, camera, capture_cfg):
+        self.camera, self.cfg = camera, capture_cfg
+        self.cap: cv2.VideoCapture | None = None
+        self.fps = 0.0
+        self.loop_offset = 0.0     # media time of previous loops, so pts stays monotonic
+        self.last_pts = -1.0
+        self.opened_at = 0.0
+
+    def _continue_timeline(self) -> None:
+        """After a reopen or a loop, pts restarts at 0 in the source: keep ours monotonic."""
+        if self.last_pts >= 0:
+            self.loop_offset = self.last_pts + 1.0 / (self.fps or 25.0)
+
+    def open(self) -> bool:
+        self.close()
+        self._continue_timeline()
+        uri = self.camera.open_uri()
+        if self.camera.kind == "device":
+            cap = cv2.VideoCapture(int(uri[len("/dev/video"):]), cv2.CAP_V4L2)
+        else:
+            if self.camera.kind == "file" and not os.path.isfile(uri):
+                return False
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout_s * 1000)]
+            cap = cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
+        if not cap.isOpened():
+            cap.release()
+            return False
+        self.cap = cap
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        self.fps = fps if 0 < fps < 1000 else 25.0
+        self.opened_at = time.monotonic()
+        return True
+
+    def read(self) -> tuple[np.ndarray | None, float]:
+        """(frame, pts seconds), or (None, 0) at the end of the stream or on an error."""
+        ok, frame = self.cap.read() if self.cap is not None else (False, None)
+        if not ok or frame is None:
+            return None, 0.0
+        pts = self.loop_offset + self.cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        if pts <= self.last_pts:   # some streams report no or repeated timestamps
+            pts = self.last_pts + 1.0 / self.fps
+        self.last_pts = pts
+        return frame, pts
+
+    def rewind(self) -> bool:
+        """Start a file again (loop: true); pts continues from where it was."""
+        if self.cap is not None and self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+            self._continue_timeline()
+            return True
+        return self.open()
+
+    def close(self) -> None:
+        if self.cap is not None:
+            self.cap.release()
+            self.cap = None
+
+
+class CaptureStage(Stage):
+    kind = "capture"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.camera = ctx.config.camera(ctx.camera)
+        self.ccfg = ctx.config.capture
+        self.queue = DropOldestQueue(self.ccfg.queue_size, block_when_full=not self.camera.realtime)
+        self.source = VideoSource(self.camera, self.ccfg)
+        self.backoff = Backoff(self.ccfg.reconnect_initial_s, self.ccfg.reconnect_max_s)
+        self.frame_index = 0
+        self.frames_read = 0
+        self.reconnects = 0
+        self.up = False
+        self._reader: threading.Thread | None = None
+        self._labels = (self.camera.name,)
+
+    def output_hwm(self) -> int:
+        return Defaults.FRAME_SNDHWM
+
+    def setup(self) -> None:
+        if self.camera.kind == "stream":
+            # read by OpenCV when a capture is opened; one camera per process, so per-process env
+            os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS",
+                                  f"rtsp_transport;{self.ccfg.rtsp_transport}")
+        self._reader = threading.Thread(target=self._read_loop, name=f"read-{self.camera.name}",
+                                        daemon=True)   # never joined while it may block in read()
+        self._reader.start()
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.up:
+            self.up = up
+            self.metrics.camera_up.labels(*self._labels).set(1 if up else 0)
+
+    # --- reader thread ------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        stop = self.ctx.stop
+        name, safe = self.camera.name, self.camera.safe_uri
+        try:
+            while not stop.is_set():
+                if not self.source.open():
+                    self._set_up(False)
+                    delay = self.backoff.next_delay()
+                    self.reconnects += 1
+                    self.metrics.camera_reconnects.labels(name).inc()
+                    self.log.warning("cannot open %s; retrying in %.1f s", safe, delay)
+                    stop.wait(delay)
+                    continue
+                self.log.info("opened %s (%.1f fps)", safe, self.source.fps)
+                ended = self._read_frames()
+                if ended:
+                    self.log.info("end of file %s after %d frames", safe, self.frames_read)
+                    self.queue.put(_END, stop)
+                    return
+                if not stop.is_set():
+                    self._set_up(False)
+                    delay = self.backoff.next_delay()
+                    self.reconnects += 1
+                    self.metrics.camera_reconnects.labels(name).inc()
+                    self.log.warning("lost %s; reconnecting in %.1f s", safe, delay)
+                    stop.wait(delay)
+        except Exception:   # the main thread notices the dead reader and exits non-zero
+            self.log.exception("reader thread failed")
+        finally:
+            self.source.close()
+
+    def _read_frames(self) -> bool:
+        """Read until the source fails (False) or a non-looping file ends (True)."""
+        stop, cam = self.ctx.stop, self.camera
+        pace = cam.kind == "file" and cam.realtime
+        min_gap = 1.0 / cam.fps_cap if cam.fps_cap else 0.0
+        last_sent_pts = None
+        start_wall = start_pts = None
+        while not stop.is_set():
+            frame, pts = self.source.read()
+            if frame is None:
+                if cam.kind != "file":
+                    return False
+                if not cam.loop:
+                    return True
+                if not self.source.rewind():
+                    return False
+                continue
+            wall = time.time()
+            self.frames_read += 1
+            self.metrics.frames_captured.labels(cam.name).inc()
+            if self.frames_read == 1 or not self.up:
+                self._set_up(True)
+                self.backoff.reset()
+            if pace:   # a file played like a camera: no faster than its own timestamps
+                if start_wall is None:
+                    start_wall, start_pts = time.monotonic(), pts
+                delay = start_wall + (pts - start_pts) - time.monotonic()
+                if delay > 0 and stop.wait(delay):
+                    return False
+                wall = time.time()
+            if min_gap and last_sent_pts is not None and pts - last_sent_pts < min_gap * 0.999:
+                continue   # fps cap: skip, not a drop
+            last_sent_pts = pts
+            self.queue.put(self._message(frame, pts, wall), stop)
+            if self.queue.dropped:
+                self.metrics.frames_dropped.labels(cam.name, "queue_full").inc(self.queue.dropped)
+                self.queue.dropped = 0
+        return False
+
+    def _message(self, frame: np.ndarray, pts: float, wall: float) -> VideoFrame:
+        h, w = frame.shape[:2]
+        x1 = y1 = 0
+        if self.camera.roi is not None:
+            x1, y1, x2, y2 = self.camera.roi
+            x1, y1, x2, y2 = min(x1, w - 1), min(y1, h - 1), min(x2, w), min(y2, h)
+            frame = np.ascontiguousarray(frame[y1:y2, x1:x2])
+        msg = VideoFrame(camera=self.camera.name, frame_index=self.frame_index, pts=pts,
+                         wall_ts=wall, frame_width=w, frame_height=h, roi_x=x1, roi_y=y1,
+                         image=frame)
+        self.frame_index += 1
+        return msg
+
+    def heartbeat_detail(self) -> dict:
+        return {"up": self.up, "frames": self.frames_read, "reconnects": self.reconnects}
+
+    # --- main thread: send ------------------------------------------------------------
+    def run(self) -> int:
+        _, sender = self.open_sockets()
+        self.setup()
+        try:
+            self.control("ready")
+            next_beat = 0.0
+            while not self.ctx.stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.control("heartbeat", detail=self.heartbeat_detail())
+                    next_beat = now + self.cfg.supervisor.heartbeat_s
+                if not self._reader.is_alive() and not len(self.queue):
+                    self.log.error("reader thread died")
+                    return 1
+                item = self.queue.get(timeout_s=0.1)
+                if item is None:
+                    continue
+                if item is _END:
+                    sender.send(EndOfStream(camera=self.camera.name, reason="eof"))
+                    self.control("eos", camera=self.camera.name, reason="eof")
+                    self.control("finished")
+                    return 0
+                if not self.camera.realtime:   # lossless file: backpressure instead of drops
+                    while not sender.try_send(item):
+                        if self.ctx.stop.is_set():
+                            break
+                        sender.wait_writable(0.1)
+                    continue
+                if not sender.try_send(item):
+                    # downstream busy: keep the frame unless newer ones already filled the queue
+                    if not self.queue.requeue(item):
+                        self.metrics.frames_dropped.labels(self.camera.name, "queue_full").inc()
+                    sender.wait_writable(0.02)
+            # SIGTERM: frames already sent will be processed; tell downstream this camera ended
+            sender.send(EndOfStream(camera=self.camera.name, reason="shutdown"), timeout_s=2.0)
+            self.control("eos", camera=self.camera.name, reason="shutdown")
+            return 0
+        finally:
+            self.ctx.stop.set()
+            self._set_up(False)
+            self.teardown()

@@ -1,0 +1,126 @@
+"""Detect: frames from every camera -> batched face detection -> per-camera tracking -> quality
+gate -> face crops. Full frames stop here; only crops (the embedder's input) travel on.
+
+Batching: frames arriving within `batch_wait_ms` of the first pending one (up to `batch_max`)
+run as one detector call, whichever cameras they come from.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from stages.detections import Detections
+from stages.face_crop import crop_faces
+from stages.messages import FaceCrops, Message, VideoFrame
+from stages.quality import QualityGate, sharpness
+from stages.stage import Stage
+from stages.transport import Defaults
+
+
+class DetectStage(Stage):
+    kind = "detect"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.dcfg = ctx.config.detect
+        self.detector = None
+        self.trackers: dict = {}
+        self.pending: list[VideoFrame] = []
+        self.deadline: float | None = None
+        self.gate = QualityGate(self.dcfg.min_face_px, self.dcfg.min_blur)
+        self.epoch = int(time.time() * 1000)   # new per process: tells downstream tracks restarted
+        self.crop_size = self.crop_scale = None
+        self._tracker_args = None
+
+    def input_hwm(self) -> int:
+        return Defaults.FRAME_RCVHWM
+
+    def setup(self) -> None:
+        from stages.embed_stage import read_embedder_info
+        from stages.face_detector import FaceDetector
+        from stages.tracking import tracker_args
+
+        m = self.cfg.models
+        self.detector = FaceDetector(m.detector, m.providers, m.detector_conf, m.detector_iou,
+                                     m.detector_imgsz, m.threads)
+        self.metrics.execution_provider.labels("detect", self.detector.provider).set(1)
+        if self.dcfg.crop_size is None or self.dcfg.crop_scale is None:
+            info = read_embedder_info(m.embedder)   # crop exactly as the embedder was trained
+        self.crop_size = self.dcfg.crop_size or info.input_size
+        self.crop_scale = self.dcfg.crop_scale or info.crop_scale
+        self._tracker_args = tracker_args(self.dcfg.tracker, self.dcfg)
+        self.log.info("detector %s on %s (%d px), %s tracking, crops %d px x%.2f",
+                      m.detector, self.detector.provider, self.detector.imgsz, self.dcfg.tracker,
+                      self.crop_size, self.crop_scale)
+
+    def tracker(self, camera: str):
+        if camera not in self.trackers:
+            from stages.tracking import CameraTracker
+            self.trackers[camera] = CameraTracker(self.dcfg.tracker, self._tracker_args)
+        return self.trackers[camera]
+
+    def process(self, msg: Message) -> list[Message]:
+        if not isinstance(msg, VideoFrame):
+            self.log.warning("ignored unexpected %s", msg.KIND)
+            return []
+        self.pending.append(msg)
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.dcfg.batch_wait_ms / 1000
+        return self.flush() if len(self.pending) >= self.dcfg.batch_max else []
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def poll(self, now: float) -> list[Message]:
+        return self.flush() if self.deadline is not None and now >= self.deadline else []
+
+    def flush(self) -> list[Message]:
+        if not self.pending:
+            return []
+        frames, self.pending, self.deadline = self.pending, [], None
+        start = time.perf_counter()
+        detections = self.detector.detect([f.image for f in frames])
+        self.metrics.batch_size.labels("detect").observe(len(frames))
+        out = [m for f, d in zip(frames, detections) if (m := self._faces(f, d)) is not None]
+        self.metrics.stage_latency.labels("detect").observe(time.perf_counter() - start)
+        return out
+
+    def _faces(self, frame: VideoFrame, dets: Detections) -> FaceCrops | None:
+        cam = frame.camera
+        self.metrics.frames_processed.labels(cam).inc()
+        tracks = self.tracker(cam).update(dets, frame.image)
+        self.metrics.faces_detected.labels(cam).inc(len(tracks))
+        keep = ~self.gate.too_small(tracks.boxes)
+        if (~keep).any():
+            self.metrics.faces_rejected.labels(cam, "small").inc(int((~keep).sum()))
+        crops = crop_faces(frame.image, tracks.boxes[keep], self.crop_size, self.crop_scale)
+        blur = sharpness(crops)
+        sharp = ~self.gate.too_blurred(blur)
+        if (~sharp).any():
+            self.metrics.faces_rejected.labels(cam, "blur").inc(int((~sharp).sum()))
+        idx = np.flatnonzero(keep)[sharp]
+        if len(idx) == 0 and not tracks.ended:
+            return None
+        boxes = tracks.boxes[idx] + np.array([frame.roi_x, frame.roi_y] * 2, np.float32)
+        return FaceCrops(camera=cam, frame_index=frame.frame_index, pts=frame.pts,
+                         wall_ts=frame.wall_ts, epoch=self.epoch,
+                         track_ids=tracks.track_ids[idx], boxes=boxes.astype(np.float32),
+                         scores=tracks.scores[idx], blur=blur[sharp], crops=crops[sharp],
+                         ended_tracks=np.asarray(tracks.ended, np.int64))
+
+    def end_of_stream(self, camera: str) -> list[Message]:
+        out = self.flush()
+        tracker = self.trackers.pop(camera, None)
+        ended = tracker.end_all() if tracker is not None else []
+        if ended:   # every open track of this camera ends with its stream
+            out.append(FaceCrops(
+                camera=camera, frame_index=-1, pts=0.0, wall_ts=time.time(), epoch=self.epoch,
+                track_ids=np.zeros(0, np.int64), boxes=np.zeros((0, 4), np.float32),
+                scores=np.zeros(0, np.float32), blur=np.zeros(0, np.float32),
+                crops=np.zeros((0, self.crop_size, self.crop_size, 3), np.uint8),
+                ended_tracks=np.asarray(ended, np.int64)))
+        return out
+
+    def heartbeat_detail(self) -> dict:
+        return {"cameras": len(self.trackers)}

@@ -1,0 +1,164 @@
+"""Embed: face crops -> unit embeddings, batched across cameras and tracks.
+
+Not every frame of a track is embedded: the first `embed.votes` quality frames are (so match can
+vote), then one frame per `recheck_interval_s` of media time (so a wrong or changed identity is
+caught without paying for every frame). The model runs on CUDA when available; the fallback to
+CPU is logged once (stages.onnx_session) and shown by the execution_provider metric.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.face_crop import DEFAULT_CROP_SCALE
+from stages.messages import FaceCrops, FaceEmbeddings, Message
+from stages.onnx_session import ModelError
+from stages.stage import Stage
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    input_size: int
+    crop_scale: float
+    threshold: float
+
+
+def _decode(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+
+
+def read_embedder_info(path: Path) -> EmbedderInfo:
+    """Crop geometry and suggested threshold from the embedder file's metadata, without starting
+    an inference session (detect and match need them, not the model)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"face embedder file not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:   # onnx raises DecodeError and friends for a bad file
+        raise ModelError(f"face embedder {path} is not an ONNX model: {exc}") from exc
+    meta = {p.key: _decode(p.value) for p in model.metadata_props}
+    if "facewatch_embedder" not in meta:
+        raise ModelError(f"face embedder {path}: no facewatch_embedder metadata; export it with "
+                         f"`facewatch export-embedder`")
+    size = meta.get("input_size")
+    if size is None:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        size = dims[1].dim_value
+    return EmbedderInfo(int(size), float(meta.get("crop_scale", DEFAULT_CROP_SCALE)),
+                        float(meta.get("threshold", 0.5)))
+
+
+@dataclass
+class _TrackState:
+    embedded: int = 0
+    last_pts: float = float("-inf")
+
+
+class EmbedStage(Stage):
+    kind = "embed"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.ecfg = ctx.config.embed
+        self.snapshots = ctx.config.publish.snapshots
+        self.embedder = None
+        self.tracks: dict[tuple[str, int], _TrackState] = {}
+        self.epochs: dict[str, int] = {}
+        self.pending: list[tuple[FaceCrops, np.ndarray]] = []   # message, chosen face indices
+        self.pending_faces = 0
+        self.deadline: float | None = None
+
+    def setup(self) -> None:
+        from stages.face_embedder import FaceEmbedder
+
+        m = self.cfg.models
+        self.embedder = FaceEmbedder(m.embedder, m.providers, m.threads)
+        self.metrics.execution_provider.labels("embed", self.embedder.provider).set(1)
+        self.log.info("embedder %s on %s (input %d px, %d-d)", m.embedder, self.embedder.provider,
+                      self.embedder.input_size, self.embedder.embedding_size)
+
+    def choose(self, msg: FaceCrops) -> np.ndarray:
+        """Indices of the faces of this frame to embed, updating per-track state."""
+        if self.epochs.get(msg.camera) != msg.epoch:   # detect restarted: its old tracks are gone
+            self.tracks = {k: v for k, v in self.tracks.items() if k[0] != msg.camera}
+            self.epochs[msg.camera] = msg.epoch
+        chosen = []
+        for i, tid in enumerate(msg.track_ids.tolist()):
+            st = self.tracks.setdefault((msg.camera, tid), _TrackState())
+            if st.embedded < self.ecfg.votes or msg.pts - st.last_pts >= self.ecfg.recheck_interval_s:
+                st.embedded += 1
+                st.last_pts = msg.pts
+                chosen.append(i)
+        for tid in msg.ended_tracks.tolist():
+            self.tracks.pop((msg.camera, tid), None)
+        return np.asarray(chosen, np.int64)
+
+    def process(self, msg: Message) -> list[Message]:
+        if not isinstance(msg, FaceCrops):
+            self.log.warning("ignored unexpected %s", msg.KIND)
+            return []
+        chosen = self.choose(msg)
+        if len(chosen) == 0 and len(msg.ended_tracks) == 0:
+            return []
+        self.pending.append((msg, chosen))
+        self.pending_faces += len(chosen)
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.ecfg.batch_wait_ms / 1000
+        return self.flush() if self.pending_faces >= self.ecfg.batch_max else []
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def poll(self, now: float) -> list[Message]:
+        return self.flush() if self.deadline is not None and now >= self.deadline else []
+
+    def flush(self) -> list[Message]:
+        if not self.pending:
+            return []
+        pending, self.pending, self.pending_faces, self.deadline = self.pending, [], 0, None
+        crops = [msg.crops[idx] for msg, idx in pending if len(idx)]
+        size = self.embedder.input_size
+        if crops:
+            batch = np.concatenate(crops)
+            start = time.perf_counter()
+            parts = [self.embedder.embed(batch[i:i + self.ecfg.batch_max])
+                     for i in range(0, len(batch), self.ecfg.batch_max)]
+            embeddings = np.concatenate(parts)
+            self.metrics.stage_latency.labels("embed").observe(time.perf_counter() - start)
+            self.metrics.batch_size.labels("embed").observe(len(batch))
+        else:
+            embeddings = np.zeros((0, self.embedder.embedding_size), np.float32)
+        out, at = [], 0
+        for msg, idx in pending:
+            n = len(idx)
+            self.metrics.faces_embedded.labels(msg.camera).inc(n)
+            out.append(FaceEmbeddings(
+                camera=msg.camera, frame_index=msg.frame_index, pts=msg.pts, wall_ts=msg.wall_ts,
+                epoch=msg.epoch, track_ids=msg.track_ids[idx], boxes=msg.boxes[idx],
+                embeddings=embeddings[at:at + n],
+                crops=msg.crops[idx] if self.snapshots else np.zeros((0, size, size, 3), np.uint8),
+                ended_tracks=msg.ended_tracks))
+            at += n
+        return out
+
+    def end_of_stream(self, camera: str) -> list[Message]:
+        out = self.flush()
+        self.tracks = {k: v for k, v in self.tracks.items() if k[0] != camera}
+        return out
+
+    def heartbeat_detail(self) -> dict:
+        return {"tracks": len(self.tracks)}

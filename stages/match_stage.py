@@ -1,0 +1,148 @@
+"""Match: embeddings of tracks -> identity decisions (stages.matcher) against the gallery.
+
+The gallery snapshot is reloaded whenever `Gallery.data_version()` changes (polled every
+`gallery.poll_interval_s`), so `facewatch enroll` takes effect in a running daemon. A gallery
+enrolled with another embedder file is refused (logged; everyone is unknown) because
+embeddings of different models cannot be compared.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from stages.matcher import Decision, Matcher, TrackState
+from stages.messages import FaceEmbeddings, Message, TrackDecision
+from stages.stage import Stage
+
+
+class MatchStage(Stage):
+    kind = "match"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.matcher: Matcher | None = None
+        self.gallery = None
+        self.version = None
+        self.model_id = None
+        self.threshold = None
+        self.epochs: dict[str, int] = {}
+        self.next_check = 0.0
+
+    def setup(self) -> None:
+        from stages.embed_stage import read_embedder_info
+        from stages.gallery import Gallery, file_model_id
+
+        embedder = self.cfg.models.embedder
+        info = read_embedder_info(embedder)
+        self.model_id = file_model_id(embedder)
+        configured = self.cfg.match.threshold
+        self.threshold = configured if configured is not None else info.threshold
+        votes = self.cfg.embed.votes
+        self.matcher = Matcher(self.threshold, votes, max(votes, self.cfg.match.vote_window))
+        self.gallery = Gallery(self.cfg.gallery.path)
+        self.log.info("threshold %.3f (%s), model %s, gallery %s", self.threshold,
+                      "configured" if configured is not None else "from the embedder's metadata",
+                      self.model_id, self.cfg.gallery.path)
+        self.reload_gallery()
+
+    def reload_gallery(self) -> None:
+        from stages.gallery import GalleryError
+
+        try:
+            version = self.gallery.data_version()
+            if version == self.version:
+                return
+            snap = self.gallery.snapshot()
+        except GalleryError as exc:   # e.g. locked for longer than the busy timeout: keep the old
+            self.log.error("gallery not reloaded: %s", exc)
+            return
+        self.version = version
+        if snap.model_id is not None and snap.model_id != self.model_id:
+            self.log.error("gallery %s was enrolled with embedder %s but this daemon runs %s: "
+                           "nobody can be recognised; re-enroll with the current model",
+                           self.cfg.gallery.path, snap.model_id, self.model_id)
+            self.matcher.set_gallery(np.zeros(0, np.int64), [], np.zeros((0, 0), np.float32))
+            people = 0
+        else:
+            self.matcher.set_gallery(snap.person_ids, snap.names, snap.embeddings)
+            people = len(set(snap.names))
+        self.metrics.gallery_people.set(people)
+        self.metrics.gallery_embeddings.set(len(self.matcher.names))
+        self.log.info("gallery loaded: %d people, %d embeddings", people, len(self.matcher.names))
+
+    def next_deadline(self) -> float | None:
+        return self.next_check
+
+    def poll(self, now: float) -> list[Message]:
+        if now >= self.next_check:
+            self.next_check = now + self.cfg.gallery.poll_interval_s
+            self.reload_gallery()
+        return []
+
+    # --- decisions ----------------------------------------------------------------------
+    def _message(self, type_: str, camera: str, track_id: int, decision: Decision | None,
+                 latest: dict, best: dict | None = None) -> TrackDecision:
+        sim = None if decision is None or math.isnan(decision.similarity) else decision.similarity
+        snapshot = (best or {}).get("crop")
+        return TrackDecision(
+            camera=camera, type=type_, track_id=int(track_id),
+            name=decision.name if decision else None,
+            person_id=decision.person_id if decision else None,
+            similarity=None if sim is None else round(float(sim), 4),
+            threshold=float(self.threshold), votes=decision.votes if decision else 0,
+            bbox=[round(float(v), 1) for v in latest["bbox"]], frame_pts=float(latest["pts"]),
+            capture_ts=float(latest["wall_ts"]),
+            snapshot=snapshot[None] if snapshot is not None else np.zeros((0, 0, 0, 3), np.uint8))
+
+    def _decision(self, camera: str, track_id: int, decision: Decision, st: TrackState) -> TrackDecision:
+        result = "recognized" if decision.recognized else "unknown"
+        self.metrics.recognitions.labels(camera, result).inc()
+        return self._message(result, camera, track_id, decision, st.last, st.extra_for(decision))
+
+    def _end(self, key: tuple) -> list[Message]:
+        late, st = self.matcher.end(key)
+        if st is None:
+            return []       # never embedded (never passed the quality gate): nothing to report
+        camera, _, track_id = key
+        out = [self._decision(camera, track_id, late, st)] if late is not None else []
+        out.append(self._message("track_ended", camera, track_id, st.decision, st.last))
+        return out
+
+    def process(self, msg: Message) -> list[Message]:
+        if not isinstance(msg, FaceEmbeddings):
+            self.log.warning("ignored unexpected %s", msg.KIND)
+            return []
+        out: list[Message] = []
+        cam = msg.camera
+        if self.epochs.get(cam) != msg.epoch:
+            # detect restarted: its trackers (and their ids) are new, so every older track ended
+            for key in [k for k in self.matcher.keys(cam) if k[1] != msg.epoch]:
+                out += self._end(key)
+            self.epochs[cam] = msg.epoch
+        crops = msg.crops if len(msg.crops) else None
+        for i, tid in enumerate(msg.track_ids.tolist()):
+            key = (cam, msg.epoch, tid)
+            extra = {"bbox": msg.boxes[i].tolist(), "pts": msg.pts, "wall_ts": msg.wall_ts,
+                     "crop": None if crops is None else np.array(crops[i])}
+            decision = self.matcher.observe(key, msg.embeddings[i], extra)
+            if decision is not None:
+                out.append(self._decision(cam, tid, decision, self.matcher.state(key)))
+        for tid in msg.ended_tracks.tolist():
+            out += self._end((cam, msg.epoch, tid))
+        return out
+
+    def end_of_stream(self, camera: str) -> list[Message]:
+        out: list[Message] = []
+        for key in self.matcher.keys(camera):
+            out += self._end(key)
+        return out
+
+    def teardown(self) -> None:
+        if self.gallery is not None:
+            self.gallery.close()
+
+    def heartbeat_detail(self) -> dict:
+        return {"tracks": len(self.matcher.tracks) if self.matcher else 0,
+                "gallery_version": self.version, "checked": time.time()}

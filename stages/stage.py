@@ -1,0 +1,172 @@
+"""The stage base class and the run loop every pipeline stage shares.
+
+A stage is a small class with `setup / process / teardown` (plus `poll` for timers such as batch
+deadlines, and `end_of_stream` to flush one camera). `process` returns the messages to send
+downstream, so a stage can be driven in-process by tests without any socket.
+
+The run loop (`Stage.run`) owns the sockets: it reports `ready` and heartbeats to the supervisor,
+receives, dispatches, forwards EndOfStream after the stage has flushed that camera, and exits 0
+once every camera has ended ("finished") or on SIGTERM after flushing what it holds.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from stages.messages import EndOfStream, Message
+from stages.metrics import Metrics
+from stages.transport import ControlClient, Defaults, Endpoints, Receiver, Sender, Transport
+
+IDLE_POLL_S = 0.2   # longest the loop sleeps in recv when no timer is due
+
+
+class Backoff:
+    """Capped exponential backoff with jitter (so restarting peers do not retry in lockstep)."""
+
+    def __init__(self, initial_s: float, max_s: float, factor: float = 2.0, jitter: float = 0.1):
+        if not 0 < initial_s <= max_s:
+            raise ValueError(f"backoff needs 0 < initial_s <= max_s, got {initial_s}, {max_s}")
+        self.initial_s, self.max_s, self.factor, self.jitter = initial_s, max_s, factor, jitter
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.max_s, self.initial_s * self.factor ** self.attempts)
+        self.attempts += 1
+        return delay * (1 + random.uniform(-self.jitter, self.jitter))
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+@dataclass
+class StageContext:
+    """Everything a stage gets from the worker: config, sockets, metrics, stop signal."""
+    name: str                        # e.g. "capture:lobby", "detect"
+    kind: str                        # one of daemon.config.STAGE_KINDS
+    config: object                   # daemon.config.FacewatchConfig
+    transport: Transport
+    endpoints: Endpoints
+    metrics: Metrics
+    control: ControlClient | None = None
+    camera: str | None = None        # capture stages only
+    ended_cameras: set[str] = field(default_factory=set)   # ended before this process started
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class Stage:
+    """Base of every stage. Subclasses set `kind` and override setup/process/teardown."""
+    kind: ClassVar[str] = ""
+
+    def __init__(self, ctx: StageContext):
+        self.ctx = ctx
+        self.cfg = ctx.config
+        self.metrics = ctx.metrics
+        self.log = logging.getLogger(f"facewatch.{ctx.name}")
+        self.cameras = {c.name for c in ctx.config.cameras}
+        self.ended = set(ctx.ended_cameras) & self.cameras
+
+    # --- what a stage implements --------------------------------------------------------
+    def setup(self) -> None:
+        """Load models, open files. Runs before `ready` is reported."""
+
+    def process(self, msg: Message) -> list[Message]:
+        """Handle one input message; return messages for downstream (maybe none yet)."""
+        raise NotImplementedError
+
+    def poll(self, now: float) -> list[Message]:
+        """Timers: called every loop turn with time.monotonic(); e.g. flush a due batch."""
+        return []
+
+    def next_deadline(self) -> float | None:
+        """When `poll` next has something to do (time.monotonic()), or None."""
+        return None
+
+    def flush(self) -> list[Message]:
+        """Everything held (pending batches), processed now."""
+        return []
+
+    def end_of_stream(self, camera: str) -> list[Message]:
+        """A camera ended: flush what is held for it; messages go out before the EndOfStream."""
+        return self.flush()
+
+    def teardown(self) -> None:
+        """Release resources; called on every exit path."""
+
+    def heartbeat_detail(self) -> dict:
+        return {}
+
+    # --- the shared loop ----------------------------------------------------------------
+    def open_sockets(self) -> tuple[Receiver | None, Sender | None]:
+        ep = self.ctx.endpoints
+        inp, out = ep.input_of(self.kind), ep.output_of(self.kind)
+        receiver = self.ctx.transport.receiver(inp, hwm=self.input_hwm()) if inp else None
+        sender = self.ctx.transport.sender(out, self.ctx.name, hwm=self.output_hwm()) if out else None
+        return receiver, sender
+
+    def input_hwm(self) -> int:
+        return Defaults.DATA_HWM
+
+    def output_hwm(self) -> int:
+        return Defaults.DATA_HWM
+
+    def send_all(self, sender: Sender | None, messages: list[Message]) -> None:
+        if sender is None:
+            return
+        for msg in messages:
+            sender.send(msg)
+
+    def control(self, type_: str, **fields) -> None:
+        if self.ctx.control is not None:
+            self.ctx.control.send(type_, **fields)
+
+    def run(self) -> int:
+        """Receive, process, send until every camera ended or SIGTERM; returns the exit code."""
+        receiver, sender = self.open_sockets()
+        self.setup()
+        try:
+            self.control("ready")
+            self.log.info("ready")
+            heartbeat_s = self.cfg.supervisor.heartbeat_s
+            next_beat = 0.0
+            lost_seen = 0
+            while not self.ctx.stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self.control("heartbeat", detail=self.heartbeat_detail())
+                    next_beat = now + heartbeat_s
+                deadline = self.next_deadline()
+                wait = min(IDLE_POLL_S, next_beat - now,
+                           IDLE_POLL_S if deadline is None else deadline - now)
+                msg = receiver.recv(max(0.0, wait)) if receiver else None
+                if receiver is not None and receiver.lost != lost_seen:
+                    self.metrics.messages_lost.labels(self.kind).inc(receiver.lost - lost_seen)
+                    lost_seen = receiver.lost
+                out: list[Message] = []
+                if isinstance(msg, EndOfStream):
+                    out += self.end_of_stream(msg.camera)
+                    out.append(EndOfStream(camera=msg.camera, reason=msg.reason))
+                elif msg is not None:
+                    out += self.process(msg)
+                out += self.poll(time.monotonic())
+                self.send_all(sender, out)
+                if isinstance(msg, EndOfStream):
+                    self.control("eos", camera=msg.camera, reason=msg.reason)
+                    if msg.camera in self.cameras and msg.camera not in self.ended:
+                        self.ended.add(msg.camera)
+                        self.log.info("camera %s ended (%s); %d of %d ended", msg.camera,
+                                      msg.reason, len(self.ended), len(self.cameras))
+                if self.ended >= self.cameras:
+                    self.send_all(sender, self.flush())
+                    self.control("finished")
+                    self.log.info("every camera ended; finished")
+                    return 0
+            # SIGTERM: do not lose what is already here; hand it on and stop
+            self.send_all(sender, self.flush())
+            self.log.info("stopped on signal")
+            return 0
+        finally:
+            self.teardown()

@@ -1,0 +1,238 @@
+"""The one module that owns ZeroMQ: context, sockets, endpoints, high-water marks, timeouts.
+
+Topology (downstream stages bind, upstream stages connect, so any stage can restart and its
+peers reconnect by themselves):
+
+    capture[cam] --PUSH--> frames --PULL detect --PUSH--> faces --PULL embed
+        --PUSH--> embeddings --PULL match --PUSH--> decisions --PULL publish --PUB--> events
+    every stage --PUSH--> control --PULL supervisor
+
+Endpoints are ipc:// sockets in the runtime directory, or tcp://host:base_port+i so stages can
+run on other hosts. Every limit is declared once, in `Defaults`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from stages.messages import Control, Message, MessageError, SeqTracker, decode, encode
+
+log = logging.getLogger("facewatch.transport")
+
+ENDPOINT_NAMES = ("frames", "faces", "embeddings", "decisions", "control")
+IPC_PATH_MAX = 107   # sun_path limit on Linux, minus the terminating NUL
+
+
+class Defaults:
+    """Every queue limit and timeout of the pipeline, in one place."""
+    FRAME_SNDHWM = 1          # capture: one frame waits in ZeroMQ; the rest in its drop-oldest queue
+    FRAME_RCVHWM = 2          # detect: per camera connection, so a slow detector sees recent frames
+    DATA_HWM = 200            # crops / embeddings / decisions: small, and losing them loses events
+    CONTROL_HWM = 1000
+    PUB_HWM = 10000           # events buffered per slow subscriber before PUB drops for it
+    LINGER_MS = 2000          # close() keeps delivering pending messages this long (drain)
+    SEND_TIMEOUT_S = 5.0      # a blocked downstream: give up on one message after this long
+    RECONNECT_IVL_MS = 100
+    RECONNECT_IVL_MAX_MS = 2000
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    frames: str
+    faces: str
+    embeddings: str
+    decisions: str
+    control: str
+
+    @classmethod
+    def for_runtime(cls, transport: str, runtime_dir: Path | None, host: str = "127.0.0.1",
+                    base_port: int = 5580) -> "Endpoints":
+        if transport == "tcp":
+            return cls(*(f"tcp://{host}:{base_port + i}" for i in range(len(ENDPOINT_NAMES))))
+        if runtime_dir is None:
+            raise ValueError("ipc transport needs a runtime directory")
+        out = []
+        for name in ENDPOINT_NAMES:
+            path = Path(runtime_dir) / f"{name}.sock"
+            if len(str(path)) > IPC_PATH_MAX:
+                raise ValueError(f"ipc socket path too long ({len(str(path))} > {IPC_PATH_MAX} "
+                                 f"characters): {path}; use a shorter runtime.dir")
+            out.append(f"ipc://{path}")
+        return cls(*out)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Endpoints":
+        rt = cfg.runtime
+        return cls.for_runtime(rt.transport, rt.dir, rt.host, rt.base_port)
+
+    def input_of(self, stage_kind: str) -> str | None:
+        """The endpoint a stage kind binds and reads (capture has none)."""
+        return {"detect": self.frames, "embed": self.faces, "match": self.embeddings,
+                "publish": self.decisions}.get(stage_kind)
+
+    def output_of(self, stage_kind: str) -> str | None:
+        """The endpoint a stage kind connects and writes to (publish has none internally)."""
+        return {"capture": self.frames, "detect": self.faces, "embed": self.embeddings,
+                "match": self.decisions}.get(stage_kind)
+
+
+class Sender:
+    """PUSH side of a pipeline link: encodes messages and stamps sender, instance and seq."""
+
+    def __init__(self, socket: zmq.Socket, sender: str, endpoint: str):
+        self.socket, self.sender, self.endpoint = socket, sender, endpoint
+        self.instance = os.getpid()
+        self.seq = 0
+        self.timeouts = 0
+
+    def _stamp(self, msg: Message) -> list:
+        msg.sender, msg.instance, msg.seq = self.sender, self.instance, self.seq
+        return encode(msg)
+
+    def try_send(self, msg: Message) -> bool:
+        """Send now or not at all (the high-water mark is reached): never blocks."""
+        try:
+            self.socket.send_multipart(self._stamp(msg), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        self.seq += 1
+        return True
+
+    def wait_writable(self, timeout_s: float) -> bool:
+        return bool(self.socket.poll(int(timeout_s * 1000), zmq.POLLOUT))
+
+    def send(self, msg: Message, timeout_s: float = Defaults.SEND_TIMEOUT_S) -> bool:
+        """Send, waiting up to timeout_s for room downstream; False (and logged) if it never came."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.try_send(msg):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.timeouts += 1
+                log.warning("%s: downstream %s not accepting for %.1f s; dropped a %s message",
+                            self.sender, self.endpoint, timeout_s, msg.KIND)
+                return False
+            self.wait_writable(min(left, 0.1))
+
+
+class Receiver:
+    """PULL side of a pipeline link: decodes and checks per-sender sequence numbers."""
+
+    def __init__(self, socket: zmq.Socket, endpoint: str):
+        self.socket, self.endpoint = socket, endpoint
+        self.seq = SeqTracker()
+        self.lost = 0       # messages missing from per-sender sequences
+        self.invalid = 0    # messages that failed to decode
+
+    def recv(self, timeout_s: float) -> Message | None:
+        """The next valid message, or None if none arrived within timeout_s."""
+        if not self.socket.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+            return None
+        frames = self.socket.recv_multipart(copy=False)
+        try:
+            msg = decode(frames)
+        except MessageError as exc:
+            self.invalid += 1
+            log.error("dropped an invalid message on %s: %s", self.endpoint, exc)
+            return None
+        gap = self.seq.check(msg)
+        if gap:
+            self.lost += gap
+            log.warning("%d message(s) from %s lost before seq %d", gap, msg.sender, msg.seq)
+        return msg
+
+
+class ControlClient:
+    """A stage's line to the supervisor. Never blocks: a missing supervisor must not stall a stage."""
+
+    def __init__(self, socket: zmq.Socket, stage: str):
+        self.socket, self.stage = socket, stage
+
+    def send(self, type_: str, **fields) -> None:
+        msg = Control(type=type_, stage=self.stage, pid=os.getpid(), ts=time.time(), **fields)
+        try:
+            self.socket.send(msg.to_json(), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("control queue full; dropped %s", type_)
+
+
+class ControlServer:
+    def __init__(self, socket: zmq.Socket, endpoint: str):
+        self.socket, self.endpoint = socket, endpoint
+
+    def recv(self, timeout_s: float) -> Control | None:
+        if not self.socket.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+            return None
+        data = self.socket.recv()
+        try:
+            return Control.from_json(data)
+        except MessageError as exc:
+            log.error("invalid control message on %s: %s", self.endpoint, exc)
+            return None
+
+
+class Transport:
+    """One ZeroMQ context per process, and every socket the process uses."""
+
+    def __init__(self) -> None:
+        self.context = zmq.Context()
+        self._sockets: list[zmq.Socket] = []
+
+    def _socket(self, kind: int, endpoint: str, bind: bool, sndhwm: int | None = None,
+                rcvhwm: int | None = None, linger_ms: int = Defaults.LINGER_MS) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL, Defaults.RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, Defaults.RECONNECT_IVL_MAX_MS)
+        if sndhwm is not None:
+            sock.setsockopt(zmq.SNDHWM, sndhwm)
+        if rcvhwm is not None:
+            sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        try:
+            if bind:
+                if endpoint.startswith("ipc://"):
+                    Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
+                sock.bind(endpoint)
+            else:
+                sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise OSError(f"cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from exc
+        self._sockets.append(sock)
+        return sock
+
+    def sender(self, endpoint: str, sender: str, hwm: int = Defaults.DATA_HWM,
+               bind: bool = False) -> Sender:
+        return Sender(self._socket(zmq.PUSH, endpoint, bind, sndhwm=hwm), sender, endpoint)
+
+    def receiver(self, endpoint: str, hwm: int = Defaults.DATA_HWM, bind: bool = True) -> Receiver:
+        return Receiver(self._socket(zmq.PULL, endpoint, bind, rcvhwm=hwm), endpoint)
+
+    def publisher(self, endpoint: str, hwm: int = Defaults.PUB_HWM) -> zmq.Socket:
+        return self._socket(zmq.PUB, endpoint, bind=True, sndhwm=hwm)
+
+    def subscriber(self, endpoint: str, topic: bytes = b"") -> zmq.Socket:
+        sock = self._socket(zmq.SUB, endpoint, bind=False)
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
+        return sock
+
+    def control_client(self, endpoint: str, stage: str) -> ControlClient:
+        return ControlClient(self._socket(zmq.PUSH, endpoint, bind=False,
+                                          sndhwm=Defaults.CONTROL_HWM, linger_ms=500), stage)
+
+    def control_server(self, endpoint: str) -> ControlServer:
+        return ControlServer(self._socket(zmq.PULL, endpoint, bind=True,
+                                          rcvhwm=Defaults.CONTROL_HWM), endpoint)
+
+    def close(self, linger_ms: int | None = None) -> None:
+        """Close every socket (pending messages get `linger_ms` to leave), then the context."""
+        for sock in self._sockets:
+            sock.close(linger=linger_ms)
+        self._sockets.clear()
+        self.context.term()

@@ -1,0 +1,263 @@
+"""Face crops for the embedder: found and cropped as the daemon does, cached once, augmented per batch.
+
+Each LFW image gets one face box: the detector's (largest detection containing the image centre,
+since LFW images are centred on their person) or, without a detector or a detection, a fixed
+centre box. The crop is always `stages.face_crop.crop_face`. All crops are computed once into
+`runs/embedder_cache/<key>/crops.npy`, keyed by the detector file's hash and the crop settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+
+from stages.face_crop import DEFAULT_CROP_SCALE, DEFAULT_CROP_SIZE, crop_face
+from training.lfw import image_path
+from training.paths import REPO_ROOT, runs_dir
+
+log = logging.getLogger("facewatch.embedder_data")
+
+DEFAULT_DETECTOR = REPO_ROOT / "models" / "face_detector.onnx"
+# Face box on a 250x250 deep-funneled LFW image (hairline to chin, cheek to cheek), measured by
+# eye on a sample of images; scaled for other image sizes.
+LFW_CENTRE_BOX = (80.0, 72.0, 170.0, 182.0)
+LFW_SIDE = 250.0
+DETECTOR_IMGSZ = 320  # LFW images are 250 px: a larger letterbox only upsamples
+
+
+def centre_box(shape) -> np.ndarray:
+    h, w = shape[:2]
+    return np.array(LFW_CENTRE_BOX, np.float32) * np.array([w, h, w, h], np.float32) / LFW_SIDE
+
+
+def choose_face_box(boxes: np.ndarray, shape) -> np.ndarray | None:
+    """The largest detection that contains the image centre; None when there is none."""
+    h, w = shape[:2]
+    cx, cy = w / 2.0, h / 2.0
+    if len(boxes) == 0:
+        return None
+    inside = (boxes[:, 0] <= cx) & (boxes[:, 2] >= cx) & (boxes[:, 1] <= cy) & (boxes[:, 3] >= cy)
+    if not inside.any():
+        return None
+    candidates = boxes[inside]
+    areas = (candidates[:, 2] - candidates[:, 0]) * (candidates[:, 3] - candidates[:, 1])
+    return candidates[int(np.argmax(areas))].astype(np.float32)
+
+
+def file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FaceBoxer:
+    """Boxes for images, exactly as evaluation and the cache compute them."""
+
+    def __init__(self, detector_path: Path | None, imgsz: int | None = DETECTOR_IMGSZ,
+                 conf_threshold: float = 0.35):
+        self.detector = None
+        self.detector_path = detector_path
+        if detector_path is not None and Path(detector_path).is_file():
+            from stages.face_detector import FaceDetector
+
+            self.detector = FaceDetector(detector_path, providers=("CPUExecutionProvider",),
+                                         conf_threshold=conf_threshold, imgsz=imgsz)
+        self.fallbacks = 0
+
+    @property
+    def description(self) -> str:
+        if self.detector is None:
+            return "fixed LFW centre box (no detector)"
+        return f"{Path(self.detector_path).name} at imgsz {self.detector.imgsz}, centre-box fallback"
+
+    def boxes(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        if self.detector is None:
+            self.fallbacks += len(frames)
+            return [centre_box(f.shape) for f in frames]
+        out = []
+        for frame, det in zip(frames, self.detector.detect(frames)):
+            box = choose_face_box(det.boxes, frame.shape)
+            if box is None:
+                self.fallbacks += 1
+                box = centre_box(frame.shape)
+            out.append(box)
+        return out
+
+
+def read_image(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"cannot read image {path}")
+    return image
+
+
+def crop_images(paths: list[Path], boxer: FaceBoxer, size: int = DEFAULT_CROP_SIZE,
+                scale: float = DEFAULT_CROP_SCALE, batch: int = 16) -> np.ndarray:
+    """(N, size, size, 3) uint8 BGR crops, one face per image."""
+    out = np.empty((len(paths), size, size, 3), np.uint8)
+    for start in range(0, len(paths), batch):
+        frames = [read_image(p) for p in paths[start:start + batch]]
+        for i, (frame, box) in enumerate(zip(frames, boxer.boxes(frames))):
+            out[start + i] = crop_face(frame, box, size, scale)
+    return out
+
+
+@dataclass
+class CropCache:
+    crops: np.ndarray                    # (N, S, S, 3) uint8 BGR
+    index: dict[tuple[str, int], int]    # (name, image number) -> row
+    fallbacks: int
+    boxes_from: str
+
+
+def load_crop_cache(images_dir: Path, people: dict[str, list[int]], detector: Path | None,
+                    crop_scale: float = DEFAULT_CROP_SCALE, size: int = DEFAULT_CROP_SIZE,
+                    detector_imgsz: int | None = DETECTOR_IMGSZ,
+                    cache_root: Path | None = None) -> CropCache:
+    """Crops of every listed image, computed once and reused while the inputs stay the same."""
+    has_detector = detector is not None and Path(detector).is_file()
+    keys = sorted((name, i) for name, idx in people.items() for i in idx)
+    key = hashlib.sha1(json.dumps({
+        "detector": file_sha1(Path(detector)) if has_detector else "centre-box",
+        "imgsz": detector_imgsz if has_detector else None, "scale": crop_scale, "size": size,
+        "images": str(Path(images_dir).resolve()), "keys": keys}).encode()).hexdigest()[:16]
+    folder = (cache_root or runs_dir() / "embedder_cache") / key
+    if (folder / "crops.npy").is_file() and (folder / "meta.json").is_file():
+        meta = json.loads((folder / "meta.json").read_text())
+        crops = np.load(folder / "crops.npy", mmap_mode=None)
+        log.info("crop cache %s: %d crops (%d centre-box fallbacks)", folder, len(crops),
+                 meta["fallbacks"])
+        return CropCache(crops, {k: i for i, k in enumerate(keys)}, meta["fallbacks"], meta["boxes_from"])
+    boxer = FaceBoxer(Path(detector) if has_detector else None, detector_imgsz)
+    log.info("cropping %d images with %s (once; cached in %s)", len(keys), boxer.description, folder)
+    start = time.monotonic()
+    crops = crop_images([image_path(images_dir, n, i) for n, i in keys], boxer, size, crop_scale)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "crops.tmp.npy"
+    np.save(tmp, crops)
+    tmp.rename(folder / "crops.npy")
+    meta = {"fallbacks": boxer.fallbacks, "boxes_from": boxer.description, "count": len(keys),
+            "crop_scale": crop_scale, "size": size, "seconds": round(time.monotonic() - start, 1)}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(f"face crops: {len(keys)} images, boxes from {boxer.description}; "
+          f"{boxer.fallbacks} used the centre-box fallback", flush=True)
+    return CropCache(crops, {k: i for i, k in enumerate(keys)}, boxer.fallbacks, boxer.description)
+
+
+# ---------------------------------------------------------------------------- augmentation
+def augment_crop(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One BGR uint8 crop -> a randomly altered float32 copy (detector jitter, camera, light)."""
+    size = crop.shape[0]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    # Scale, shift and a small roll: what detector boxes and unaligned faces look like.
+    scale = rng.uniform(0.9, 1.1)
+    angle = rng.uniform(-10.0, 10.0) if rng.random() < 0.5 else 0.0
+    matrix = cv2.getRotationMatrix2D((size / 2.0, size / 2.0), angle, scale)
+    matrix[:, 2] += rng.uniform(-0.06, 0.06, 2) * size
+    img = cv2.warpAffine(np.ascontiguousarray(crop), matrix, (size, size), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+    r = rng.random()
+    if r < 0.15:  # low-resolution camera: down and up again
+        small = int(rng.uniform(0.3, 0.7) * size)
+        img = cv2.resize(cv2.resize(img, (small, small), interpolation=cv2.INTER_AREA), (size, size),
+                         interpolation=cv2.INTER_LINEAR)
+    elif r < 0.3:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.5))
+    img = img.astype(np.float32)
+    if rng.random() < 0.8:  # brightness, contrast, saturation, per-channel tint
+        grey = img.mean(axis=2, keepdims=True)
+        img = grey + (img - grey) * rng.uniform(0.6, 1.4)
+        img = (img - img.mean()) * rng.uniform(0.7, 1.3) + img.mean()
+        img = img * rng.uniform(0.7, 1.3) * rng.uniform(0.93, 1.07, 3)
+    if rng.random() < 0.1:
+        img = np.repeat(img.mean(axis=2, keepdims=True), 3, axis=2)
+    return np.clip(img, 0.0, 255.0)
+
+
+def to_model_input(crops_bgr: np.ndarray) -> np.ndarray:
+    """uint8/float BGR crops -> float32 RGB 0..255, the model's input (as FaceEmbedder feeds it)."""
+    return np.ascontiguousarray(crops_bgr[..., ::-1], dtype=np.float32)
+
+
+def augment_batch(crops_bgr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return to_model_input(np.stack([augment_crop(c, rng) for c in crops_bgr]))
+
+
+# ---------------------------------------------------------------------------- batches
+class ShuffledBatches(keras.utils.PyDataset):
+    """All training images in a fresh random order each epoch (ArcFace)."""
+
+    def __init__(self, crops: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
+                 augment: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.crops, self.labels, self.batch_size, self.augment = crops, labels, batch_size, augment
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(labels))
+
+    def __len__(self) -> int:
+        return len(self.labels) // self.batch_size  # full batches only: BatchNorm and mining
+
+    def __getitem__(self, index: int):
+        rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
+        crops = self.crops[rows]
+        rng = np.random.default_rng((int(self.rng.integers(1 << 31)), index))
+        x = augment_batch(crops, rng) if self.augment else to_model_input(crops)
+        return x, self.labels[rows].astype(np.int32)
+
+    def on_epoch_end(self) -> None:
+        self.order = self.rng.permutation(len(self.labels))
+
+
+class IdentityBatches(keras.utils.PyDataset):
+    """P identities x K images per batch, so every batch has positives (triplet, contrastive).
+
+    Only identities with >= 2 images take part; one epoch shows about every such image once.
+    """
+
+    def __init__(self, crops: np.ndarray, labels: np.ndarray, batch_size: int,
+                 per_identity: int = 4, seed: int = 0, augment: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if batch_size % per_identity:
+            raise ValueError(f"batch size {batch_size} must be a multiple of images per identity "
+                             f"{per_identity}")
+        self.crops, self.augment, self.k = crops, augment, per_identity
+        self.p = batch_size // per_identity
+        rows_by_label: dict[int, list[int]] = {}
+        for row, label in enumerate(labels):
+            rows_by_label.setdefault(int(label), []).append(row)
+        self.groups = [np.array(r) for r in rows_by_label.values() if len(r) >= 2]
+        self.labels = labels
+        if len(self.groups) < self.p:
+            raise ValueError(f"need >= {self.p} identities with 2+ images for batch {batch_size}, "
+                             f"have {len(self.groups)}")
+        self.rng = np.random.default_rng(seed)
+        self.images = sum(len(g) for g in self.groups)
+
+    def __len__(self) -> int:
+        return max(1, self.images // (self.p * self.k))
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng((int(self.rng.integers(1 << 31)), index))
+        # Identities drawn in proportion to sqrt(images): big ones come more often, not 500x more.
+        weights = np.sqrt([len(g) for g in self.groups])
+        chosen = rng.choice(len(self.groups), self.p, replace=False, p=weights / weights.sum())
+        rows = np.concatenate([rng.choice(self.groups[g], self.k, replace=len(self.groups[g]) < self.k)
+                               for g in chosen])
+        crops = self.crops[rows]
+        x = augment_batch(crops, rng) if self.augment else to_model_input(crops)
+        return x, self.labels[rows].astype(np.int32)
+
+
+def steps_hint(images: int, batch: int) -> int:
+    return max(1, math.floor(images / batch))

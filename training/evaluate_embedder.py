@@ -1,0 +1,163 @@
+"""Verification metrics of an embedder on LFW-format pairs, with faces found as the daemon finds them.
+
+    facewatch evaluate-embedder --model models/face_embedder.onnx \
+        --pairs training/splits/lfw_val_pairs.txt --images ../shared/data/lfw/lfw-deepfunneled \
+        [--detector models/face_detector.onnx] [--roc-png roc.png]
+
+Accepts the exported ONNX file (run through the daemon's FaceEmbedder) or a Keras `.keras`
+checkpoint. Prints 10-fold accuracy, ROC AUC, TAR at FAR 1e-3 and the best threshold; the last
+line on stdout is one JSON object with those numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.face_crop import DEFAULT_CROP_SCALE
+from training.embedder_data import DEFAULT_DETECTOR, DETECTOR_IMGSZ, FaceBoxer, crop_images
+from training.lfw import Pair, image_path, read_pairs
+from training.verification_metrics import save_roc_png, verification_report
+
+log = logging.getLogger("facewatch.evaluate_embedder")
+
+
+class KerasEmbedder:
+    """A `.keras` embedding network behind FaceEmbedder's interface (BGR crops in, unit vectors out)."""
+
+    def __init__(self, model, crop_scale: float = DEFAULT_CROP_SCALE, flip_average: bool = True,
+                 batch_size: int = 128):
+        if isinstance(model, (str, Path)):
+            import keras
+
+            import training.embedder_model  # noqa: F401  registers the custom layers
+
+            path = Path(model)
+            if not path.is_file():
+                raise FileNotFoundError(f"embedder checkpoint not found: {path}")
+            model = keras.models.load_model(path, compile=False)
+        self.model = model
+        self.input_size = int(model.input_shape[1])
+        self.crop_scale = crop_scale
+        self.flip_average = flip_average
+        self.batch_size = batch_size
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        if crops.ndim != 4 or crops.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(f"crops must be (N, {self.input_size}, {self.input_size}, 3), "
+                             f"got {crops.shape}")
+        batch = np.ascontiguousarray(crops[..., ::-1], dtype=np.float32)  # BGR -> RGB
+        emb = self.model.predict(batch, batch_size=self.batch_size, verbose=0)
+        if self.flip_average:
+            emb = emb + self.model.predict(np.ascontiguousarray(batch[:, :, ::-1]),
+                                           batch_size=self.batch_size, verbose=0)
+        norm = np.linalg.norm(emb, axis=1, keepdims=True)
+        return (emb / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def pair_scores(pairs: list[Pair], embeddings: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
+    """Cosine similarity per pair (embeddings are unit vectors)."""
+    return np.array([float(np.dot(embeddings[(p.name1, p.index1)], embeddings[(p.name2, p.index2)]))
+                     for p in pairs], np.float64)
+
+
+def embed_images(embedder, keys: list[tuple[str, int]], crops: np.ndarray,
+                 chunk: int = 256) -> dict[tuple[str, int], np.ndarray]:
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for start in range(0, len(keys), chunk):
+        emb = embedder.embed(crops[start:start + chunk])
+        out.update(zip(keys[start:start + chunk], emb))
+    return out
+
+
+def evaluate_pairs(embedder, pairs: list[Pair], folds: list[int], images_dir: Path,
+                   boxer: FaceBoxer, roc_png: Path | None = None) -> dict:
+    keys = sorted({(p.name1, p.index1) for p in pairs} | {(p.name2, p.index2) for p in pairs})
+    missing = [image_path(images_dir, n, i) for n, i in keys if not image_path(images_dir, n, i).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} pair images are missing, e.g. {missing[0]}")
+    start = time.monotonic()
+    crops = crop_images([image_path(images_dir, n, i) for n, i in keys], boxer,
+                        embedder.input_size, embedder.crop_scale)
+    embeddings = embed_images(embedder, keys, crops)
+    scores = pair_scores(pairs, embeddings)
+    labels = np.array([p.same for p in pairs])
+    report = verification_report(scores, labels, folds)
+    report.update(images=len(keys), centre_box_fallbacks=boxer.fallbacks, boxes_from=boxer.description,
+                  seconds=round(time.monotonic() - start, 1))
+    if roc_png is not None:
+        save_roc_png(scores, labels, roc_png, title=f"ROC ({len(pairs)} pairs)")
+    return report
+
+
+def load_embedder(path: Path, flip_average: bool | None = None):
+    """FaceEmbedder for .onnx (exactly the daemon's runtime), KerasEmbedder for .keras."""
+    path = Path(path)
+    if path.suffix == ".keras":
+        summary = path.parent / "summary.json"
+        scale = DEFAULT_CROP_SCALE
+        if summary.is_file():
+            scale = float(json.loads(summary.read_text()).get("crop_scale", scale))
+        return KerasEmbedder(path, crop_scale=scale,
+                             flip_average=True if flip_average is None else flip_average)
+    from stages.face_embedder import FaceEmbedder
+
+    return FaceEmbedder(path, providers=("CPUExecutionProvider",), flip_average=flip_average)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.lfw import VAL_PAIRS_FILE, default_images_dir
+
+    parser.add_argument("--model", type=Path, required=True, help=".onnx export or .keras checkpoint")
+    parser.add_argument("--pairs", type=Path, default=VAL_PAIRS_FILE,
+                        help="LFW-format pairs file (default: the fixed validation pairs)")
+    parser.add_argument("--images", type=Path, default=None,
+                        help=f"folder-per-identity images (default {default_images_dir()})")
+    parser.add_argument("--detector", type=Path, default=DEFAULT_DETECTOR,
+                        help="face detector ONNX; without it, faces are cropped with the centre box")
+    parser.add_argument("--detector-imgsz", type=int, default=DETECTOR_IMGSZ,
+                        help="detector input size (same default as the training crop cache)")
+    parser.add_argument("--roc-png", type=Path, default=None, help="write the ROC curve here")
+    parser.add_argument("--max-pairs", type=int, default=None,
+                        help="evaluate an evenly spread subset of this many pairs")
+    parser.add_argument("--no-flip-average", action="store_true",
+                        help="embed each face once, without its mirror image")
+
+
+def subset_pairs(pairs: list[Pair], folds: list[int], count: int) -> tuple[list[Pair], list[int]]:
+    """Every k-th pair: keeps the match/mismatch balance and every fold."""
+    step = max(1, len(pairs) // count)
+    idx = list(range(0, len(pairs), step))[:count]
+    return [pairs[i] for i in idx], [folds[i] for i in idx]
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.lfw import default_images_dir
+
+    images = Path(args.images or default_images_dir())
+    if not images.is_dir():
+        raise FileNotFoundError(f"images folder not found: {images}")
+    pairs, folds = read_pairs(args.pairs)
+    if args.max_pairs:
+        pairs, folds = subset_pairs(pairs, folds, args.max_pairs)
+    embedder = load_embedder(args.model, False if args.no_flip_average else None)
+    detector = args.detector if args.detector and Path(args.detector).is_file() else None
+    if args.detector and detector is None:
+        log.warning("detector %s not found: cropping with the fixed centre box", args.detector)
+    boxer = FaceBoxer(detector, args.detector_imgsz)
+    report = evaluate_pairs(embedder, pairs, folds, images, boxer, args.roc_png)
+    print(f"pairs: {report['pairs']} ({len(set(folds))} folds), images: {report['images']}, "
+          f"boxes: {report['boxes_from']}, centre-box fallbacks: {report['centre_box_fallbacks']}")
+    print(f"10-fold accuracy: {report['accuracy']:.4f} +- {report['accuracy_std']:.4f}")
+    print(f"ROC AUC: {report['auc']:.4f}   TAR@FAR=1e-3: {report['tar_at_far_1e-3']:.4f}")
+    print(f"best threshold (cosine similarity, all pairs): {report['threshold']:.4f} "
+          f"(accuracy {report['accuracy_at_threshold']:.4f})")
+    if args.roc_png:
+        print(f"ROC curve: {args.roc_png}")
+    print(json.dumps({k: report[k] for k in ("accuracy", "auc", "tar_at_far_1e-3", "threshold")}
+                     | {"pairs": report["pairs"], "model": str(args.model)}))
+    return 0

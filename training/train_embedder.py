@@ -1,0 +1,357 @@
+"""Train the ConvNeXt-Siamese face embedder on the fixed LFW split.
+
+    facewatch train-embedder --backbone small --loss arcface --minutes 40 --out small-arcface
+    facewatch train-embedder --out small-arcface --resume --minutes 60   # continue the same run
+
+A run lives in `runs/embedder/<out>/`: `last.weights.h5` + `state.json` (resume point: network,
+loss weights, optimizer state, epoch, elapsed time), `embedder.keras` (latest embedding network),
+`best.keras` (best validation accuracy), `curves.png`, `summary.json`. `--epochs` and `--minutes`
+are totals for the run, across resumes; the learning rate follows whichever ends first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.face_crop import DEFAULT_CROP_SCALE
+from training.embedder_data import (DEFAULT_DETECTOR, DETECTOR_IMGSZ, IdentityBatches,
+                                    ShuffledBatches, load_crop_cache)
+from training.embedder_losses import LOSSES, MININGS
+from training.embedder_model import BACKBONES
+from training.lfw import VAL_PAIRS_FILE, default_images_dir, list_people, load_split, read_pairs
+from training.paths import runs_dir
+
+log = logging.getLogger("facewatch.train_embedder")
+
+# What defines the network and its loss: on --resume these come from the run, not the command.
+ARCHITECTURE_ARGS = ("backbone", "loss", "mining", "embedding_size", "arc_scale", "arc_margin",
+                     "triplet_margin", "contrastive_margin", "per_identity", "crop_scale",
+                     "detector", "detector_imgsz", "max_people", "dropout", "drop_path")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--images", type=Path, default=None, help=f"LFW folder (default {default_images_dir()})")
+    a("--backbone", choices=BACKBONES, default="small",
+      help="'small': our CPU-sized ConvNeXt; convnext_*: keras.applications")
+    a("--weights", default=None, help="local ImageNet weights file for a keras.applications backbone")
+    a("--loss", choices=LOSSES, default="arcface")
+    a("--mining", choices=MININGS, default="semi-hard", help="triplet mining")
+    a("--epochs", type=int, default=40, help="total epochs of the run")
+    a("--minutes", type=float, default=None,
+      help="total wall-clock budget of the run; stops cleanly with a checkpoint")
+    a("--batch", type=int, default=64)
+    a("--lr", type=float, default=2e-3, help="peak AdamW learning rate (warmup, then cosine)")
+    a("--weight-decay", type=float, default=0.05)
+    a("--warmup-steps", type=int, default=200)
+    a("--embedding-size", type=int, default=128)
+    a("--dropout", type=float, default=0.2)
+    a("--drop-path", type=float, default=0.05)
+    a("--arc-scale", type=float, default=32.0)
+    a("--arc-margin", type=float, default=0.4, help="ArcFace additive angular margin (radians)")
+    a("--margin-warmup", type=float, default=0.1,
+      help="fraction of the run over which the ArcFace margin ramps up from 0")
+    a("--triplet-margin", type=float, default=0.3)
+    a("--contrastive-margin", type=float, default=1.0)
+    a("--per-identity", type=int, default=4, help="images per identity in triplet/contrastive batches")
+    a("--crop-scale", type=float, default=DEFAULT_CROP_SCALE, help="crop_face scale")
+    a("--detector", type=Path, default=DEFAULT_DETECTOR,
+      help="face detector ONNX for the crop boxes (centre box when the file does not exist)")
+    a("--detector-imgsz", type=int, default=DETECTOR_IMGSZ)
+    a("--eval-every", type=int, default=1, help="validate every N epochs (and always at the end)")
+    a("--val-pairs", type=int, default=None, help="validate on an evenly spread subset of pairs")
+    a("--max-people", type=int, default=None, help="train on this many identities only (tests)")
+    a("--steps-per-epoch", type=int, default=None, help="cap the steps of an epoch (tests)")
+    a("--workers", type=int, default=1, help="threads preparing batches")
+    a("--seed", type=int, default=0)
+    a("--out", default=None, help="run name under runs/embedder/ (default <backbone>-<loss>)")
+    a("--resume", action="store_true", help="continue the run from its last checkpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+# ---------------------------------------------------------------------------- run state
+def _run_dir(args) -> Path:
+    return runs_dir() / "embedder" / (args.out or f"{args.backbone}-{args.loss}")
+
+
+def _jsonable(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k not in ("func",)}
+
+
+def _restore_args(args: argparse.Namespace, state: dict) -> None:
+    for key in ARCHITECTURE_ARGS:
+        saved = state["args"].get(key)
+        if key in ("detector",) and saved is not None:
+            saved = Path(saved)
+        if getattr(args, key, None) != saved:
+            log.info("resume: %s = %s (from the run; command said %s)", key, saved, getattr(args, key))
+            setattr(args, key, saved)
+
+
+# ---------------------------------------------------------------------------- data
+def _prepare_data(args) -> dict:
+    images = Path(args.images or default_images_dir())
+    split = load_split(images)
+    people = list_people(images)
+    val_people = set(split["val_people"])
+    train_names = sorted(n for n in people if n not in val_people)
+    if args.max_people:
+        # Spread over the alphabet, and keep people with several photos so all losses have pairs.
+        multi = [n for n in train_names if len(people[n]) >= 2]
+        train_names = multi[:: max(1, len(multi) // args.max_people)][: args.max_people]
+    pairs, folds = read_pairs(VAL_PAIRS_FILE)
+    if args.val_pairs:
+        from training.evaluate_embedder import subset_pairs
+
+        pairs, folds = subset_pairs(pairs, folds, args.val_pairs)
+    val_keys = sorted({(p.name1, p.index1) for p in pairs} | {(p.name2, p.index2) for p in pairs})
+    wanted = {n: people[n] for n in train_names}
+    for name, index in val_keys:
+        wanted.setdefault(name, [])
+        if index not in wanted[name]:
+            wanted[name] = sorted(wanted[name] + [index])
+    cache = load_crop_cache(images, wanted, args.detector, args.crop_scale,
+                            detector_imgsz=args.detector_imgsz)
+    label_of = {n: i for i, n in enumerate(train_names)}
+    rows = [(cache.index[(n, i)], label_of[n]) for n in train_names for i in people[n]]
+    train_rows = np.array([r for r, _ in rows])
+    return {
+        "images": images,
+        "train_crops": cache.crops[train_rows],
+        "train_labels": np.array([lab for _, lab in rows], np.int32),
+        "num_classes": len(train_names),
+        "val_keys": val_keys,
+        "val_crops": cache.crops[[cache.index[k] for k in val_keys]],
+        "pairs": pairs,
+        "folds": folds,
+        "split": {"train_people": len(train_names), "train_images": len(rows),
+                  "val_people": len({k[0] for k in val_keys}), "val_images": len(val_keys),
+                  "val_pairs": len(pairs), "split_file": "training/splits/lfw_split.json",
+                  "boxes_from": cache.boxes_from, "centre_box_fallbacks": cache.fallbacks},
+    }
+
+
+def _batches(args, data):
+    common = dict(batch_size=args.batch, seed=args.seed, workers=args.workers,
+                  use_multiprocessing=False)
+    if args.loss == "arcface":
+        return ShuffledBatches(data["train_crops"], data["train_labels"], **common)
+    return IdentityBatches(data["train_crops"], data["train_labels"],
+                           per_identity=args.per_identity, **common)
+
+
+# ---------------------------------------------------------------------------- model
+def _build(args, num_classes: int):
+    import keras
+
+    from training.embedder_model import EmbedderTrainer, build_embedder
+
+    keras.utils.set_random_seed(args.seed)
+    embedder = build_embedder(args.backbone, args.embedding_size, args.dropout, args.weights,
+                              args.drop_path)
+    trainer = EmbedderTrainer(embedder, args.loss, num_classes, args.arc_scale, args.arc_margin,
+                              args.triplet_margin, args.mining, args.contrastive_margin)
+    optimizer = keras.optimizers.AdamW(learning_rate=args.lr, weight_decay=args.weight_decay,
+                                       clipnorm=5.0)
+    # No decay on norms, biases and layer scales (standard for ConvNeXt), nor on ArcFace
+    # centres (they are normalised: decay would only inflate their step size).
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "centres"])
+    trainer.compile(optimizer=optimizer)
+    trainer.build((None,) + tuple(embedder.input_shape[1:]))
+    optimizer.build(trainer.trainable_variables)
+    return trainer
+
+
+def make_schedule_callback(args, steps_per_epoch: int, state: dict):
+    """Warmup then cosine on run progress (steps or minutes, whichever is further); stops the
+    run when the wall-clock budget is spent."""
+    import keras
+
+    class BudgetSchedule(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.started = time.monotonic()
+            self.stopped_by_budget = False
+
+        def elapsed(self) -> float:
+            return state["elapsed_s"] + time.monotonic() - self.started
+
+        def progress(self) -> float:
+            by_steps = state["step"] / max(1, args.epochs * steps_per_epoch)
+            by_time = self.elapsed() / (args.minutes * 60) if args.minutes else 0.0
+            return min(1.0, max(by_steps, by_time))
+
+        def on_train_batch_begin(self, batch, logs=None):
+            warmup = min(args.warmup_steps, max(1, args.epochs * steps_per_epoch // 10))
+            if state["step"] < warmup:
+                lr = args.lr * (state["step"] + 1) / warmup
+            else:
+                lr = args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * self.progress())))
+            self.model.optimizer.learning_rate = lr
+            state["lr"] = lr
+            if self.model.head is not None:
+                ramp = min(1.0, self.progress() / args.margin_warmup) if args.margin_warmup > 0 else 1.0
+                self.model.head.margin_ramp.assign(ramp)
+
+        def on_train_batch_end(self, batch, logs=None):
+            state["step"] += 1
+            if args.minutes and self.elapsed() >= args.minutes * 60:
+                self.stopped_by_budget = True
+                self.model.stop_training = True
+
+    return BudgetSchedule()
+
+
+def _save_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["loss"] for h in history], "o-")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    val = [(h["epoch"], h["val_accuracy"]) for h in history if h.get("val_accuracy") is not None]
+    if val:
+        ax2.plot(*zip(*val), "o-", color="tab:green")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation 10-fold accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _validate(embedder_model, data, crop_scale: float) -> dict:
+    from training.evaluate_embedder import KerasEmbedder, embed_images, pair_scores
+    from training.verification_metrics import verification_report
+
+    embedder = KerasEmbedder(embedder_model, crop_scale=crop_scale, flip_average=True)
+    embeddings = embed_images(embedder, data["val_keys"], data["val_crops"])
+    scores = pair_scores(data["pairs"], embeddings)
+    labels = np.array([p.same for p in data["pairs"]])
+    return verification_report(scores, labels, data["folds"])
+
+
+def train(args: argparse.Namespace) -> Path:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    run_dir = _run_dir(args)
+    state_file, weights_file = run_dir / "state.json", run_dir / "last.weights.h5"
+    state = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "history": [], "best_accuracy": -1.0,
+             "best_epoch": None, "args": _jsonable(args)}
+    if args.resume:
+        if not state_file.is_file() or not weights_file.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (state.json, last.weights.h5)")
+        saved = json.loads(state_file.read_text())
+        _restore_args(args, saved)
+        state.update({k: saved[k] for k in ("epoch", "step", "elapsed_s", "history",
+                                             "best_accuracy", "best_epoch")})
+        state["args"] = {**_jsonable(args)}
+    elif state_file.is_file():
+        raise ValueError(f"run {run_dir} already exists: pass --resume to continue it or "
+                         f"--out to start another")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    data = _prepare_data(args)
+    trainer = _build(args, data["num_classes"])
+    if args.resume:
+        trainer.load_weights(weights_file)
+        print(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}, "
+              f"{state['elapsed_s'] / 60:.1f} min trained", flush=True)
+    batches = _batches(args, data)
+    steps = min(len(batches), args.steps_per_epoch or len(batches))
+    print(f"{args.backbone} ({trainer.embedder.count_params():,} parameters), loss {args.loss}, "
+          f"{data['split']['train_images']} training images of {data['num_classes']} identities, "
+          f"{data['split']['val_pairs']} validation pairs; {steps} steps/epoch of {args.batch}",
+          flush=True)
+    schedule = make_schedule_callback(args, steps, state)
+    verbose = 1 if sys.stdout.isatty() else 2
+    while state["epoch"] < args.epochs and not schedule.stopped_by_budget:
+        epoch = state["epoch"]
+        if args.minutes and schedule.elapsed() >= args.minutes * 60:
+            break
+        t0 = time.monotonic()
+        fit = trainer.fit(batches, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps,
+                          callbacks=[schedule], verbose=verbose)
+        state["epoch"] = epoch + 1
+        last = state["epoch"] >= args.epochs or schedule.stopped_by_budget
+        record = {"epoch": state["epoch"], "loss": float(fit.history["loss"][-1]),
+                  "lr": float(state.get("lr", args.lr)), "train_s": round(time.monotonic() - t0, 1)}
+        if state["epoch"] % args.eval_every == 0 or last:
+            metrics = _validate(trainer.embedder, data, args.crop_scale)
+            record.update(val_accuracy=metrics["accuracy"], val_auc=metrics["auc"],
+                          val_tar_at_far_1e3=metrics["tar_at_far_1e-3"],
+                          val_threshold=metrics["threshold"])
+            if metrics["accuracy"] > state["best_accuracy"]:
+                state["best_accuracy"], state["best_epoch"] = metrics["accuracy"], state["epoch"]
+                state["best_metrics"] = metrics
+                trainer.embedder.save(run_dir / "best.keras")
+        state["history"].append(record)
+        state["elapsed_s"] += time.monotonic() - schedule.started
+        schedule.started = time.monotonic()
+        _checkpoint(trainer, state, run_dir)
+        _save_curves(state["history"], run_dir / "curves.png")
+        val = (f" val acc {record['val_accuracy']:.4f} auc {record['val_auc']:.4f} "
+               f"tar@1e-3 {record['val_tar_at_far_1e3']:.3f}" if "val_accuracy" in record else "")
+        print(f"epoch {state['epoch']}/{args.epochs}: loss {record['loss']:.4f} lr {record['lr']:.2e}"
+              f"{val} ({record['train_s']:.0f} s, {state['elapsed_s'] / 60:.1f} min total)", flush=True)
+    if schedule.stopped_by_budget:
+        print(f"stopped: the {args.minutes} minute budget is spent (resume with --resume and a "
+              f"larger --minutes)", flush=True)
+    _write_summary(args, state, data, run_dir, trainer)
+    print(f"run: {run_dir}  best val accuracy {state['best_accuracy']:.4f} at epoch "
+          f"{state['best_epoch']}; export with: facewatch export-embedder --model "
+          f"{run_dir / 'best.keras'} --out models/face_embedder.onnx", flush=True)
+    return run_dir
+
+
+def _checkpoint(trainer, state: dict, run_dir: Path) -> None:
+    """Network, loss weights and optimizer state; written beside, then renamed (crash-safe)."""
+    tmp = run_dir / "last.tmp.weights.h5"
+    trainer.save_weights(tmp)
+    tmp.replace(run_dir / "last.weights.h5")
+    trainer.embedder.save(run_dir / "embedder.keras")
+    (run_dir / "state.json.tmp").write_text(json.dumps(state, indent=1))
+    (run_dir / "state.json.tmp").replace(run_dir / "state.json")
+
+
+def _write_summary(args, state: dict, data: dict, run_dir: Path, trainer) -> None:
+    best = state.get("best_metrics") or {}
+    summary = {
+        "model": "best.keras",
+        "backbone": args.backbone,
+        "parameters": int(trainer.embedder.count_params()),
+        "embedding_size": args.embedding_size,
+        "input_size": int(trainer.embedder.input_shape[1]),
+        "channel_order": "RGB",
+        "normalisation": "float32 RGB 0..255 in; rescaling inside the graph",
+        "crop_scale": args.crop_scale,
+        "flip_average": True,
+        "loss": args.loss,
+        "threshold": best.get("threshold"),
+        "threshold_kind": "cosine similarity; same person when >= threshold",
+        "best_epoch": state["best_epoch"],
+        "val": best,
+        "data": {"train": "LFW deep-funneled, people-disjoint split (training/splits/lfw_split.json)",
+                 **data["split"]},
+        "epochs_done": state["epoch"],
+        "steps": state["step"],
+        "duration_min": round(state["elapsed_s"] / 60, 2),
+        "history": state["history"],
+        "args": _jsonable(args),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
