@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from stages.face_crop import DEFAULT_CROP_SCALE
+from stages.gallery import file_model_id
 from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 
@@ -15,6 +16,8 @@ class FaceEmbedder:
     def __init__(self, model_path, providers=DEFAULT_PROVIDERS, threads: int = 0,
                  flip_average: bool | None = None):
         self.session = load_session(model_path, providers, threads, what="face embedder")
+        # Gallery rows remember which model made them: embeddings of two models don't compare.
+        self.model_id = file_model_id(model_path)
         self.meta = metadata(self.session)
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[3] != 3:

@@ -74,15 +74,6 @@ def multiproc_dir_ready() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV)) and Path(os.environ[MULTIPROC_ENV]).is_dir()
 
 
-def prepare_multiproc_dir(path: Path) -> Path:
-    """Create (or empty) the directory; values from an earlier run must not leak into this one."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for f in path.glob("*.db"):
-        f.unlink()
-    return path
-
-
 def mark_process_dead(pid: int) -> None:
     """Drop a dead process's live gauges (camera_up, stage_up, ...) from the merged view."""
     if multiproc_dir_ready():

@@ -114,10 +114,17 @@ class Stage:
         return Defaults.DATA_HWM
 
     def send_all(self, sender: Sender | None, messages: list[Message]) -> None:
+        """Send in order. Once one send timed out (downstream down), the rest of this batch is
+        only tried without waiting, so a dead neighbour cannot stall this loop (and its
+        heartbeats) for one timeout per message."""
         if sender is None:
             return
+        blocked = False
         for msg in messages:
-            sender.send(msg)
+            ok = sender.try_send(msg) if blocked else sender.send(msg)
+            if not ok:
+                blocked = True
+                self.metrics.messages_lost.labels(self.kind).inc()
 
     def control(self, type_: str, **fields) -> None:
         if self.ctx.control is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from training.paths import require_dir, runs_dir, shared_data_dir
 from training.ultralytics_env import configure_offline
-from training.widerface import write_dataset_yaml
+from training.widerface import SPLIT_FILE, write_dataset_yaml
 
 log = logging.getLogger("facewatch.train_detector")
 
@@ -27,6 +27,8 @@ AUGMENT = dict(mosaic=1.0, mixup=0.1, copy_paste=0.0, scale=0.6, translate=0.1, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="WIDER FACE folder (images/, labels/); default $FACEWATCH_DATA/widerface")
+    parser.add_argument("--split", type=Path, default=SPLIT_FILE,
+                        help="JSON with 'train' and 'val' image lists (default: the committed split)")
     parser.add_argument("--size", choices=["n", "s", "m"], default="n", help="YOLOv8 model size")
     parser.add_argument("--imgsz", type=int, default=640, help="training image size (pixels)")
     parser.add_argument("--epochs", type=int, default=300)
@@ -49,7 +51,7 @@ def train(args: argparse.Namespace) -> Path:
     data_root = require_dir(Path(args.data or shared_data_dir() / "widerface"), "WIDER FACE folder")
     name = args.name or f"yolov8{args.size}-{args.imgsz}"
     project = runs_dir() / "detector"
-    data_yaml, report = write_dataset_yaml(data_root, project / name / "dataset")
+    data_yaml, report = write_dataset_yaml(data_root, project / name / "dataset", args.split)
     for side in ("train", "val"):
         log.info("%s: %d images, %d skipped", side, report[side]["images"], report[side]["skipped"])
         for rel, reason in report[side]["skipped_reasons"].items():

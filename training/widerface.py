@@ -36,8 +36,15 @@ def make_split(root: Path) -> dict:
     return split
 
 
-def load_split() -> dict:
-    return json.loads(SPLIT_FILE.read_text())
+def load_split(path: Path = SPLIT_FILE) -> dict:
+    try:
+        split = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"split file {path} unreadable: {exc}") from exc
+    if not isinstance(split.get("train"), list) or not isinstance(split.get("val"), list):
+        raise ValueError(f"split file {path}: expected JSON with 'train' and 'val' lists of "
+                         f"'<event>/<image>.jpg' paths")
+    return split
 
 
 @dataclass
@@ -76,16 +83,18 @@ def check_images(root: Path, relative: list[str]) -> CheckedImages:
     return result
 
 
-def write_dataset_yaml(root: Path, out_dir: Path) -> tuple[Path, dict]:
+def write_dataset_yaml(root: Path, out_dir: Path, split_file: Path = SPLIT_FILE) -> tuple[Path, dict]:
     """Write train/val lists and the ultralytics data YAML; return it and the skip report."""
     require_dir(root / "images", "WIDER FACE images folder")
     require_dir(root / "labels", "WIDER FACE labels folder")
-    split = load_split()
+    split = load_split(split_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {}
     for side in ("train", "val"):
         checked = check_images(root, split[side])
         (out_dir / f"{side}.txt").write_text("".join(f"{p}\n" for p in checked.good))
+        if not checked.good:
+            raise ValueError(f"no usable {side} images under {root / 'images'} (from {split_file})")
         report[side] = {"images": len(checked.good), "skipped": len(checked.skipped),
                         "skipped_reasons": checked.skipped}
     data_yaml = out_dir / "widerface.yaml"

@@ -1,0 +1,63 @@
+"""`facewatch run --config config.yaml`: validate the config, prepare the runtime directory, and
+hand over to the supervisor (which starts every stage as its own process).
+
+The runtime directory holds the ipc sockets, the effective config the stages read
+(config.json, 0600), status.json and the Prometheus multiprocess files. It is
+`runtime.dir`, else systemd's $RUNTIME_DIRECTORY, else a new temporary directory removed at exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from daemon.config import (config_to_json, load_config, parse_camera_arg, problems,
+                           with_runtime_dir)
+
+log = logging.getLogger("facewatch.run")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
+    p.add_argument("--camera", action="append", type=parse_camera_arg, metavar="NAME=URI",
+                   help="a camera (repeatable); replaces the config's cameras")
+    p.add_argument("--gallery", help="gallery file; overrides gallery.path")
+    p.add_argument("--event-log", help="JSONL event log; overrides publish.event_log")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, cameras=args.camera, gallery=args.gallery,
+                      event_log=args.event_log)
+    for warning in problems(cfg):
+        log.warning("%s", warning)
+    temp_dir = None
+    if cfg.runtime.dir is None and not os.environ.get("RUNTIME_DIRECTORY"):
+        temp_dir = Path(tempfile.mkdtemp(prefix="facewatch-"))
+    cfg = with_runtime_dir(cfg, temp_dir)
+    runtime = Path(cfg.runtime.dir)
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        effective = runtime / "config.json"
+        fd = os.open(effective, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(config_to_json(cfg))
+
+        # Before prometheus_client is first imported (here: by the supervisor's imports; in the
+        # stages: inherited): it picks multiprocess mode at import time.
+        metrics_dir = runtime / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)   # no values from an earlier run
+        metrics_dir.mkdir(mode=0o700)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        os.environ.setdefault("YOLO_CONFIG_DIR", str(runtime / "ultralytics"))
+
+        from daemon.supervisor import Supervisor
+
+        log.info("runtime directory %s; %d camera(s): %s", runtime, len(cfg.cameras),
+                 ", ".join(f"{c.name}={c.safe_uri}" for c in cfg.cameras))
+        return Supervisor(cfg, effective, runtime, verbose=getattr(args, "verbose", False)).run()
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
