@@ -11,11 +11,15 @@ as `1 - Erf(x)`. Our small ConvNeXt converts without them.
 """
 from __future__ import annotations
 
+import os
+
+# TensorFlow's C++ info lines (oneDNN, CPU features) would bury the training log.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import argparse
 import contextlib
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -77,6 +81,7 @@ def _conversion_patches():
     """STACK.md: make keras.applications ConvNeXt convertible; no effect on our small model."""
     import tensorflow as tf
     from keras.src.backend.tensorflow import nn as keras_tf_nn
+    from tf2onnx import utils as tf2onnx_utils
     from tf2onnx.handler import tf_op
 
     original_conv = keras_tf_nn.conv
@@ -92,11 +97,13 @@ def _conversion_patches():
         class Erfc:  # noqa: F841  registered by the decorator
             @classmethod
             def version_9(cls, ctx, node, **kwargs):
-                erf = ctx.make_node("Erf", [node.input[0]])
-                one = ctx.make_const(ctx.make_name("one"),
-                                     np.array(1.0, dtype=np.float32)).output[0]
+                source, output = node.input[0], node.output[0]
+                shape, dtype = ctx.get_shape(output), ctx.get_dtype(output)
+                one = ctx.make_const(tf2onnx_utils.make_name("one"), np.array(1.0, np.float32))
+                erf = ctx.make_node("Erf", [source], shapes=[shape], dtypes=[dtype])
                 ctx.remove_node(node.name)
-                ctx.make_node("Sub", [one, erf.output[0]], outputs=node.output, name=node.name)
+                ctx.make_node("Sub", [one.output[0], erf.output[0]], outputs=[output],
+                              name=node.name, shapes=[shape], dtypes=[dtype])
 
     keras_tf_nn.conv = plain_conv
     try:
@@ -113,7 +120,6 @@ def _registered_ops() -> set[str]:
 
 def convert(model, input_size: int):
     """ONNX ModelProto of `model` with a dynamic batch axis."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
     import tf2onnx
 
@@ -150,7 +156,11 @@ def sample_inputs(input_size: int, count: int = 4) -> np.ndarray:
 def verify(onnx_path: Path, model, inputs: np.ndarray, max_abs_diff: float) -> float:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
+        raise ExportError(f"export refused: onnxruntime cannot load the converted model: "
+                          f"{str(exc).splitlines()[0][:400]}") from exc
     got = session.run(None, {session.get_inputs()[0].name: inputs})[0]
     want = np.asarray(model.predict(inputs, verbose=0))
     if got.shape != want.shape:

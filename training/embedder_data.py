@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,6 +257,3 @@ class IdentityBatches(keras.utils.PyDataset):
         x = augment_batch(crops, rng) if self.augment else to_model_input(crops)
         return x, self.labels[rows].astype(np.int32)
 
-
-def steps_hint(images: int, batch: int) -> int:
-    return max(1, math.floor(images / batch))

@@ -138,15 +138,28 @@ def small_convnext(inputs, config: SmallConvNeXtConfig):
     return layers.LayerNormalization(epsilon=1e-6, name="final_ln")(x)
 
 
+# ImageNet statistics that keras.applications ConvNeXt normalises with, in 0..255 units.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
 def application_convnext(inputs, backbone: str, weights: str | None):
-    """keras.applications ConvNeXt feature map (its own ImageNet normalisation, 0..255 input)."""
+    """keras.applications ConvNeXt feature map for 0..255 RGB inputs.
+
+    Its own `Normalization` layer keeps mean/variance as tensors made outside the traced
+    graph, which tf2onnx turns into extra model inputs; the same normalisation as a per-channel
+    `Rescaling` (Python lists, so constants inside the graph) exports cleanly.
+    """
     cls = getattr(keras.applications, APPLICATIONS[backbone])
     net = cls(include_top=False, weights=None, input_shape=(INPUT_SIZE, INPUT_SIZE, 3),
-              include_preprocessing=True)
+              include_preprocessing=False)
     if weights:
         # Local ImageNet file only: nothing can be downloaded on these machines.
-        net.load_weights(weights, skip_mismatch=False)
-    return net(inputs)
+        net.load_weights(weights)
+    x = layers.Rescaling(scale=[1.0 / s for s in IMAGENET_STD],
+                         offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+                         name="imagenet_normalisation")(inputs)
+    return net(x)
 
 
 def build_embedder(backbone: str = "small", embedding_size: int = 128, dropout: float = 0.2,

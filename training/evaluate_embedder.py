@@ -10,6 +10,11 @@ line on stdout is one JSON object with those numbers.
 """
 from __future__ import annotations
 
+import os
+
+# TensorFlow's C++ info lines (oneDNN, CPU features) would bury the training log.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import argparse
 import json
 import logging

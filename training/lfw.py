@@ -118,7 +118,8 @@ def read_pairs(path: Path) -> tuple[list[Pair], list[int]]:
     """Pairs and a fold id per pair, from an LFW-format file.
 
     First line: `count` (pairsDevTrain.txt) or `folds per_fold` (pairs.txt, where each fold is
-    per_fold match then per_fold mismatch lines). With only a count, folds are consecutive tenths.
+    per_fold match then per_fold mismatch lines). With only a count, pair i goes to fold i % 10,
+    which keeps both kinds in every fold of a file listing all matches first (pairsDevTrain.txt).
     """
     lines = [ln.split() for ln in Path(path).read_text().splitlines() if ln.strip()]
     if not lines:
@@ -139,7 +140,7 @@ def read_pairs(path: Path) -> tuple[list[Pair], list[int]]:
                              f"found {len(pairs)} pairs")
         fold_ids = [i // (2 * per_fold) for i in range(len(pairs))]
     elif len(header) == 1:
-        fold_ids = [i * PAIRS_FOLDS // len(pairs) for i in range(len(pairs))]
+        fold_ids = [i % PAIRS_FOLDS for i in range(len(pairs))]
     else:
         raise ValueError(f"{path}: first line must be `count` or `folds count`, got {header}")
     return pairs, fold_ids

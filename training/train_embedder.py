@@ -10,11 +10,15 @@ are totals for the run, across resumes; the learning rate follows whichever ends
 """
 from __future__ import annotations
 
+import os
+
+# TensorFlow's C++ info lines (oneDNN, CPU features) would bury the training log.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -195,16 +199,21 @@ def make_schedule_callback(args, steps_per_epoch: int, state: dict):
             return min(1.0, max(by_steps, by_time))
 
         def on_train_batch_begin(self, batch, logs=None):
-            warmup = min(args.warmup_steps, max(1, args.epochs * steps_per_epoch // 10))
-            if state["step"] < warmup:
-                lr = args.lr * (state["step"] + 1) / warmup
-            else:
-                lr = args.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * self.progress())))
+            # Warmup ends after --warmup-steps or 5% of the run, whichever comes first, so a
+            # short --minutes budget still reaches its cosine tail.
+            progress = self.progress()
+            warm = min(1.0, max((state["step"] + 1) / max(1, args.warmup_steps), progress / 0.05))
+            lr = args.lr * warm * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
             self.model.optimizer.learning_rate = lr
             state["lr"] = lr
             if self.model.head is not None:
-                ramp = min(1.0, self.progress() / args.margin_warmup) if args.margin_warmup > 0 else 1.0
+                ramp = min(1.0, progress / args.margin_warmup) if args.margin_warmup > 0 else 1.0
                 self.model.head.margin_ramp.assign(ramp)
+
+        def on_epoch_end(self, epoch, logs=None):
+            # One epoch per fit() call (so Keras' banner reads "Epoch k/<epochs>"); the loop
+            # in train() validates and checkpoints between calls.
+            self.model.stop_training = True
 
         def on_train_batch_end(self, batch, logs=None):
             state["step"] += 1
@@ -248,7 +257,6 @@ def _validate(embedder_model, data, crop_scale: float) -> dict:
 
 
 def train(args: argparse.Namespace) -> Path:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     run_dir = _run_dir(args)
     state_file, weights_file = run_dir / "state.json", run_dir / "last.weights.h5"
     state = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "history": [], "best_accuracy": -1.0,
@@ -285,7 +293,7 @@ def train(args: argparse.Namespace) -> Path:
         if args.minutes and schedule.elapsed() >= args.minutes * 60:
             break
         t0 = time.monotonic()
-        fit = trainer.fit(batches, epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=steps,
+        fit = trainer.fit(batches, epochs=args.epochs, initial_epoch=epoch, steps_per_epoch=steps,
                           callbacks=[schedule], verbose=verbose)
         state["epoch"] = epoch + 1
         last = state["epoch"] >= args.epochs or schedule.stopped_by_budget

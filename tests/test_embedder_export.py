@@ -1,0 +1,141 @@
+"""Export round trip: our training code's model -> ONNX -> onnxruntime/FaceEmbedder, on real face crops."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stages.face_crop import crop_face
+from stages.onnx_session import ModelError
+from training.lfw import default_images_dir
+from training.paths import REPO_ROOT
+
+LFW = default_images_dir()
+COMMITTED_MODEL = REPO_ROOT / "models" / "face_embedder.onnx"
+
+
+def lfw_crops(count: int = 6) -> np.ndarray:
+    """BGR crops of real LFW faces, as the daemon makes them (crop_face on a face box)."""
+    if not LFW.is_dir():
+        pytest.skip(f"LFW images not found at {LFW} (set FACEWATCH_DATA to the shared data folder)")
+    from training.embedder_data import centre_box, read_image
+
+    paths = sorted(LFW.glob("*/*_0001.jpg"))[::700][:count]
+    frames = [read_image(p) for p in paths]
+    return np.stack([crop_face(f, centre_box(f.shape), 112, 1.3) for f in frames])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random-init micro model saved as .keras and exported with its metadata."""
+    import keras
+
+    from export.embedder_onnx import export_embedder
+    from training.embedder_model import build_embedder
+
+    keras.utils.set_random_seed(0)
+    tmp = tmp_path_factory.mktemp("embedder")
+    model = build_embedder("micro", embedding_size=32)
+    # Non-trivial BatchNorm statistics, so that inference-mode BN is really exercised.
+    bn = model.get_layer("projection_bn")
+    bn.moving_mean.assign(np.full(32, 0.1, np.float32))
+    bn.moving_variance.assign(np.full(32, 2.0, np.float32))
+    keras_path = tmp / "embedder.keras"
+    model.save(keras_path)
+    summary = {"backbone": "micro", "crop_scale": 1.3, "flip_average": True, "threshold": 0.42,
+               "loss": "arcface", "val": {"accuracy": 0.5, "auc": 0.5, "pairs": 10},
+               "data": {"train_people": 1}}
+    onnx_path = tmp / "face_embedder.onnx"
+    report = export_embedder(keras_path, onnx_path, summary)
+    return model, onnx_path, report
+
+
+def test_onnx_matches_keras_on_real_crops(exported):
+    import onnxruntime as ort
+
+    model, onnx_path, report = exported
+    assert report["max_abs_diff"] <= 1e-4
+    crops = lfw_crops()
+    x = np.ascontiguousarray(crops[..., ::-1], dtype=np.float32)  # RGB 0..255, as the runtime feeds it
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    want = model.predict(x, verbose=0)
+    assert got.shape == (len(crops), 32)
+    assert np.max(np.abs(got - want)) <= 1e-4
+    # Dynamic batch axis: a single face gives the same row.
+    one = session.run(None, {session.get_inputs()[0].name: x[:1]})[0]
+    assert np.max(np.abs(one[0] - got[0])) <= 1e-4
+
+
+def test_face_embedder_reads_metadata_and_returns_unit_vectors(exported):
+    from stages.face_embedder import FaceEmbedder
+
+    _, onnx_path, _ = exported
+    embedder = FaceEmbedder(onnx_path, providers=("CPUExecutionProvider",))
+    assert (embedder.input_size, embedder.embedding_size) == (112, 32)
+    assert embedder.threshold == pytest.approx(0.42)
+    assert embedder.crop_scale == pytest.approx(1.3)
+    assert embedder.channel_order == "RGB" and embedder.flip_average is True
+    assert json.loads(embedder.session.get_modelmeta().custom_metadata_map["metrics"])["pairs"] == 10
+    emb = embedder.embed(lfw_crops(4))
+    assert emb.shape == (4, 32) and emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert embedder.embed(np.zeros((0, 112, 112, 3), np.uint8)).shape == (0, 32)
+
+
+def test_export_refuses_a_model_that_does_not_match(exported):
+    from export.embedder_onnx import ExportError, verify
+    from training.embedder_model import build_embedder
+
+    _, onnx_path, _ = exported
+    other = build_embedder("micro", embedding_size=32)  # different random weights
+    with pytest.raises(ExportError, match="differ"):
+        verify(onnx_path, other, np.ascontiguousarray(lfw_crops(2)[..., ::-1], dtype=np.float32), 1e-4)
+
+
+def test_garbage_and_foreign_onnx_files_are_refused_by_name(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from stages.face_embedder import FaceEmbedder
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model at all")
+    with pytest.raises(ModelError, match="garbage.onnx"):
+        FaceEmbedder(garbage, providers=("CPUExecutionProvider",))
+    # A well-formed ONNX (N,112,112,3)->(N,D) model without our metadata is not an embedder.
+    inp = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 112, 112, 3])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 4])
+    graph = helper.make_graph([helper.make_node("Slice", ["x", "s", "e", "a"], ["t"]),
+                               helper.make_node("Reshape", ["t", "shape"], ["y"])], "foreign",
+                              [inp], [out], [shape,
+                                             helper.make_tensor("s", TensorProto.INT64, [4], [0, 0, 0, 0]),
+                                             helper.make_tensor("e", TensorProto.INT64, [4], [2**62, 1, 1, 3]),
+                                             helper.make_tensor("a", TensorProto.INT64, [4], [0, 1, 2, 3])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), foreign)
+    with pytest.raises(ModelError, match="foreign.onnx.*facewatch_embedder"):
+        FaceEmbedder(foreign, providers=("CPUExecutionProvider",))
+
+
+def test_export_command_reports_a_missing_checkpoint(tmp_path):
+    from daemon.cli import main
+
+    assert main(["export-embedder", "--model", str(tmp_path / "nope.keras"),
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.skipif(not COMMITTED_MODEL.is_file(), reason=f"{COMMITTED_MODEL} not exported yet")
+def test_committed_model_accuracy_on_validation_pairs(capsys):
+    """Regression gate: the committed embedder on 600 of the fixed validation pairs."""
+    if not LFW.is_dir():
+        pytest.skip(f"LFW images not found at {LFW}")
+    from daemon.cli import main
+
+    assert main(["evaluate-embedder", "--model", str(COMMITTED_MODEL), "--max-pairs", "600",
+                 "--images", str(LFW)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["accuracy"] > 0.8, result

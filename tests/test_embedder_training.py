@@ -1,0 +1,136 @@
+"""Embedder training: loss math against plain numpy, the fixed split, and real short runs on LFW."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from training.embedder_losses import ArcMarginHead, contrastive_loss, triplet_loss
+from training.lfw import SPLIT_FILE, VAL_PAIRS_FILE, default_images_dir, read_pairs
+
+LFW = default_images_dir()
+needs_lfw = pytest.mark.skipif(not LFW.is_dir(), reason=f"LFW images not found at {LFW} "
+                               "(set FACEWATCH_DATA to the shared data folder)")
+
+
+def unit(rng, n, d):
+    e = rng.normal(size=(n, d)).astype(np.float32)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def distances(e):
+    return np.sqrt(np.maximum(2 - 2 * e @ e.T, 1e-12))
+
+
+def test_triplet_losses_match_a_plain_loop():
+    rng = np.random.default_rng(0)
+    e, y = unit(rng, 12, 8), np.repeat(np.arange(4), 3)
+    d, margin = distances(e), 0.3
+    hard, semi, pairs = [], [], 0
+    for a in range(12):
+        pos = [p for p in range(12) if y[p] == y[a] and p != a]
+        neg = [n for n in range(12) if y[n] != y[a]]
+        hard.append(max(0.0, max(d[a, pos]) - min(d[a, neg]) + margin))
+        for p in pos:
+            farther = [d[a, n] for n in neg if d[a, n] > d[a, p]]
+            dn = min(farther) if farther else max(d[a, neg])
+            semi.append(max(0.0, d[a, p] - dn + margin))
+            pairs += 1
+    assert float(triplet_loss(e, y, margin, "hard")) == pytest.approx(np.mean(hard), rel=1e-4)
+    assert float(triplet_loss(e, y, margin, "semi-hard")) == pytest.approx(sum(semi) / pairs, rel=1e-4)
+
+
+def test_contrastive_loss_matches_a_plain_loop():
+    rng = np.random.default_rng(1)
+    e, y = unit(rng, 8, 4), np.repeat(np.arange(4), 2)
+    d = distances(e)
+    pos = [d[i, j] ** 2 for i in range(8) for j in range(8) if i != j and y[i] == y[j]]
+    neg = [max(0.0, 1.0 - d[i, j]) ** 2 for i in range(8) for j in range(8) if y[i] != y[j]]
+    assert float(contrastive_loss(e, y, 1.0)) == pytest.approx(0.5 * (np.mean(pos) + np.mean(neg)),
+                                                               rel=1e-4)
+
+
+def test_arcface_adds_the_margin_to_the_true_class_only():
+    rng = np.random.default_rng(2)
+    head = ArcMarginHead(5, scale=30.0, margin=0.5)
+    head.build((None, 8))
+    e, labels = unit(rng, 4, 8), np.array([0, 1, 2, 4])
+    w = np.asarray(head.centres)
+    cos = e @ (w / np.linalg.norm(w, axis=0, keepdims=True))
+    logits = np.asarray(head(e, labels))
+    theta = np.arccos(np.clip(cos, -1, 1))
+    for i, label in enumerate(labels):
+        expected = np.where(theta[i] + 0.5 < math.pi, np.cos(theta[i] + 0.5),
+                            cos[i] - math.sin(0.5) * 0.5)
+        assert logits[i, label] == pytest.approx(30 * expected[label], abs=1e-3)
+        others = [c for c in range(5) if c != label]
+        assert np.allclose(logits[i, others], 30 * cos[i, others], atol=1e-4)
+    with pytest.raises(ValueError, match="margin"):
+        ArcMarginHead(5, margin=2.0)
+
+
+@needs_lfw
+def test_recorded_split_is_people_disjoint_and_reproducible():
+    from training.lfw import build_split, list_people
+
+    split = json.loads(SPLIT_FILE.read_text())
+    rebuilt = build_split(LFW)
+    assert rebuilt["val_people"] == split["val_people"]  # the hash rule gives the same people
+    people = list_people(LFW)
+    val = set(split["val_people"])
+    pairs, folds = read_pairs(VAL_PAIRS_FILE)
+    assert len(pairs) == split["val_pairs"] and sorted(set(folds)) == list(range(10))
+    assert sum(p.same for p in pairs) == len(pairs) // 2
+    for p in pairs:
+        assert p.name1 in val and p.name2 in val
+        assert p.index1 in people[p.name1] and p.index2 in people[p.name2]
+    assert len({(p.name1, p.index1, p.name2, p.index2) for p in pairs}) == len(pairs)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("runs")
+        mp.setenv("FACEWATCH_RUNS", str(path))
+        yield path
+
+
+def train(*extra: str):
+    from daemon.cli import build_parser
+    from training.train_embedder import train as train_run
+
+    argv = ["train-embedder", "--backbone", "micro", "--epochs", "1", "--steps-per-epoch", "2",
+            "--batch", "16", "--max-people", "12", "--val-pairs", "100", "--embedding-size", "16",
+            *extra]
+    return train_run(build_parser("train-embedder").parse_args(argv))
+
+
+@needs_lfw
+@pytest.mark.parametrize("loss", ["arcface", "triplet", "contrastive"])
+def test_short_run_writes_checkpoint_and_summary(runs, loss):
+    run_dir = train("--loss", loss, "--out", f"run-{loss}")
+    for name in ("last.weights.h5", "state.json", "embedder.keras", "best.keras", "curves.png",
+                 "summary.json"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["loss"] == loss and summary["epochs_done"] == 1 and summary["steps"] == 2
+    assert 0.0 <= summary["val"]["accuracy"] <= 1.0 and summary["val"]["pairs"] == 100
+    assert summary["data"]["train_people"] == 12
+    assert np.isfinite(summary["history"][0]["loss"])
+
+
+@needs_lfw
+def test_resume_continues_from_the_checkpoint(runs):
+    run_dir = runs / "embedder" / "run-arcface"
+    if not (run_dir / "state.json").is_file():
+        train("--loss", "arcface", "--out", "run-arcface")
+    with pytest.raises(ValueError, match="--resume"):
+        train("--loss", "arcface", "--out", "run-arcface")  # never silently overwrite a run
+    # The command's --loss is ignored on resume: the run's own settings win.
+    run_dir = train("--loss", "triplet", "--out", "run-arcface", "--resume", "--epochs", "2")
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["epoch"] == 2 and state["step"] == 4
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert json.loads((run_dir / "summary.json").read_text())["loss"] == "arcface"
