@@ -105,10 +105,8 @@ class CameraConfig(Section):
     @field_validator("uri")
     @classmethod
     def _uri(cls, uri: str, info: ValidationInfo) -> str:
-        uri = uri.strip()
-        for var in _ENV_REF.findall(uri):
-            if var not in os.environ:
-                raise ValueError(f"environment variable {var} is not set")
+        uri = uri.strip()   # ${VAR}s are expanded when opened: the service's environment
+                            # (EnvironmentFile, credentials) may differ from validate-config's
         if _DEVICE.match(uri) or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri) and \
                 not uri.startswith("file://"):
             return uri
@@ -191,7 +189,7 @@ class DetectConfig(Section):
     new_track_thresh: float = Field(0.5, gt=0, lt=1)
     match_thresh: float = Field(0.8, gt=0, le=1)
     min_face_px: int = Field(20, ge=1, le=4096, description="shorter box side, frame pixels")
-    min_blur: float = Field(10.0, ge=0, description="Laplacian variance of the crop; 0 = off")
+    min_blur: float = Field(20.0, ge=0, description="Laplacian variance of the crop; 0 = off")
     crop_size: int | None = Field(None, ge=16, le=1024, description="null: embedder metadata")
     crop_scale: float | None = Field(None, gt=0.5, le=4, description="null: embedder metadata")
 
@@ -248,8 +246,9 @@ class GalleryConfig(Section):
 class RuntimeConfig(Section):
     dir: Path | None = Field(None, description="null: $RUNTIME_DIRECTORY, else a new temp dir")
     transport: Literal["ipc", "tcp"] = "ipc"
-    host: str = Field("127.0.0.1", description="tcp: address stages bind and connect to")
-    base_port: int = Field(5580, ge=1, le=65500, description="tcp: first of 5 ports")
+    host: str = Field("127.0.0.1", description="tcp: the address of the host running detect, "
+                                                "embed, match and publish (they bind there)")
+    base_port: int = Field(5580, ge=1, le=65500, description="tcp: first of 4 ports")
 
     @field_validator("dir")
     @classmethod
@@ -264,7 +263,7 @@ class SupervisorConfig(Section):
     heartbeat_s: float = Field(1.0, gt=0, le=60)
     heartbeat_timeout_s: float = Field(30.0, gt=0, description="silent this long: killed")
     ready_timeout_s: float = Field(300.0, gt=0, description="setup longer than this: killed")
-    shutdown_timeout_s: float = Field(8.0, gt=0, lt=60, description="drain deadline on SIGTERM")
+    shutdown_timeout_s: float = Field(7.0, gt=0, lt=60, description="drain deadline on SIGTERM")
     unhealthy_after_s: float = Field(120.0, gt=0, description="a core stage down this long "
                                                               "stops WATCHDOG=1")
     stages: list[str] | None = Field(None, description="stages this host runs (null: all); "
@@ -454,8 +453,13 @@ def config_from_json(text: str, source: str = "effective config") -> FacewatchCo
 
 
 def problems(cfg: FacewatchConfig) -> list[str]:
-    """Things that validate but will not run as they are (missing files): warnings."""
+    """Things that validate but will not run as they are here (missing files or environment
+    variables): warnings, since the service may run elsewhere or with another environment."""
     out = []
+    for i, cam in enumerate(cfg.cameras):
+        for var in _ENV_REF.findall(cam.uri):
+            if var not in os.environ:
+                out.append(f"cameras[{i}].uri: environment variable {var} is not set here")
     for what, p in (("models.detector", cfg.models.detector), ("models.embedder", cfg.models.embedder)):
         if not p.is_file():
             out.append(f"{what}: file not found: {p}")

@@ -20,9 +20,16 @@ from daemon.config import (config_to_json, load_config, parse_camera_arg, proble
 log = logging.getLogger("facewatch.run")
 
 
+def _camera(text: str) -> tuple[str, str]:
+    try:
+        return parse_camera_arg(text)
+    except ValueError as exc:   # argparse prints this message instead of "invalid value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
-    p.add_argument("--camera", action="append", type=parse_camera_arg, metavar="NAME=URI",
+    p.add_argument("--camera", action="append", type=_camera, metavar="NAME=URI",
                    help="a camera (repeatable); replaces the config's cameras")
     p.add_argument("--gallery", help="gallery file; overrides gallery.path")
     p.add_argument("--event-log", help="JSONL event log; overrides publish.event_log")

@@ -30,6 +30,8 @@ class Notifier:
                 self.address = None
         if self.address:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # a unix datagram queue holds few messages: never let a slow reader block the loop
+            self._sock.setblocking(False)
 
     @property
     def enabled(self) -> bool:
@@ -47,7 +49,10 @@ class Notifier:
         try:
             self._sock.sendto(payload, self.address)
             return True
-        except OSError as exc:   # systemd gone or socket full: never fatal for the daemon
+        except BlockingIOError:
+            log.debug("sd_notify %s dropped: the notify socket's queue is full", states[0])
+            return False
+        except OSError as exc:   # systemd gone: never fatal for the daemon
             log.warning("sd_notify %s failed: %s", states[0] if states else "", exc)
             return False
 

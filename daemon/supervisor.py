@@ -233,6 +233,11 @@ class Supervisor:
             if st.kind == "capture" and st.proc is not None:
                 self.kill(st, signal.SIGTERM, "shutdown")
         self._inject_for_stopped(cameras)
+        # cameras captured on other hosts keep sending: this host's detect must not wait for them
+        local = {st.camera for st in self.stages.values() if st.kind == "capture"}
+        remote = [c for c in cameras if c not in local]
+        if remote and "detect" in self.stages:
+            self.inject_eos(self.endpoints.frames, remote)
         self._status_dirty = True
 
     def _inject_for_stopped(self, cameras: list[str]) -> None:
@@ -309,9 +314,15 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        control = self.transport.control_server(self.endpoints.control)
-        if self.cfg.metrics.enabled:
-            self.metrics_server = serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        try:
+            control = self.transport.control_server(self.endpoints.control)
+            if self.cfg.metrics.enabled:
+                self.metrics_server = serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        except OSError as exc:   # e.g. the metrics port is taken: one clear line, exit 2
+            self.transport.close(linger_ms=0)
+            raise ValueError(f"cannot start: {exc} (metrics.host/port "
+                             f"{self.cfg.metrics.host}:{self.cfg.metrics.port})") from exc
+        if self.metrics_server is not None:
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.cfg.metrics.port)
         for st in self.stages.values():
             self.start(st)
@@ -341,13 +352,19 @@ class Supervisor:
             while msg is not None:
                 self.on_control(msg, time.monotonic())
                 msg = control.recv(0)
+            exited = [(st, st.proc.poll()) for st in self.stages.values() if st.proc is not None]
+            exited = [(st, rc) for st, rc in exited if rc is not None]
+            if exited:
+                # a stage sends "finished" just before it exits: read it before judging the exit
+                msg = control.recv(0.1)
+                while msg is not None:
+                    self.on_control(msg, time.monotonic())
+                    msg = control.recv(0)
             now = time.monotonic()
+            for st, rc in exited:
+                self.on_exit(st, rc, now)
             for st in self.stages.values():
-                if st.proc is not None:
-                    rc = st.proc.poll()
-                    if rc is not None:
-                        self.on_exit(st, rc, now)
-                elif st.state == "backoff" and now >= st.next_start and not self.shutting_down:
+                if st.state == "backoff" and now >= st.next_start and not self.shutting_down:
                     self.start(st)
             healthy = self.check_health(now)
             if not self.ready_sent and not self.shutting_down and self.all_ready():

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     die_with_supervisor()
-    ctx.control = transport.control_client(ctx.endpoints.control, name)
+    if ctx.endpoints.control is not None:
+        ctx.control = transport.control_client(ctx.endpoints.control, name)
     module, cls = STAGE_CLASSES[args.stage]
     code = 1
     try:
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         code = stage.run()
     except Exception as exc:   # a crash: tell the supervisor why, exit non-zero to be restarted
         log.exception("stage failed")
-        ctx.control.send("error", reason=f"{type(exc).__name__}: {exc}"[:500])
+        if ctx.control is not None:
+            ctx.control.send("error", reason=f"{type(exc).__name__}: {exc}"[:500])
         code = 1
     finally:
         transport.close()

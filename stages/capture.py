@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import time
@@ -20,10 +21,12 @@ import time
 import cv2
 import numpy as np
 
+from daemon.config import ConfigError
 from stages.messages import EndOfStream, VideoFrame
 from stages.stage import Backoff, Stage
 from stages.transport import Defaults
 
+log = logging.getLogger("facewatch.capture")
 _END = object()   # queue sentinel: the source ended for good (non-looping file)
 
 
@@ -101,7 +104,11 @@ class VideoSource:
     def open(self) -> bool:
         self.close()
         self._continue_timeline()
-        uri = self.camera.open_uri()
+        try:
+            uri = self.camera.open_uri()
+        except ConfigError as exc:   # e.g. ${CAM_PASSWORD} missing from the service environment
+            log.error("camera %s: %s", self.camera.name, exc)
+            return False
         if self.camera.kind == "device":
             cap = cv2.VideoCapture(int(uri[len("/dev/video"):]), cv2.CAP_V4L2)
         else:

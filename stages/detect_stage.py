@@ -20,6 +20,7 @@ from stages.transport import Defaults
 
 class DetectStage(Stage):
     kind = "detect"
+    time_process = False   # batches are timed instead
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -53,6 +54,9 @@ class DetectStage(Stage):
         self.log.info("detector %s on %s (%d px), %s tracking, crops %d px x%.2f",
                       m.detector, self.detector.provider, self.detector.imgsz, self.dcfg.tracker,
                       self.crop_size, self.crop_scale)
+
+    def on_lost(self, msg: Message, count: int) -> None:
+        self.metrics.frames_dropped.labels(msg.camera, "lost").inc(count)
 
     def tracker(self, camera: str):
         if camera not in self.trackers:

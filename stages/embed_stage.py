@@ -70,6 +70,7 @@ class _TrackState:
 
 class EmbedStage(Stage):
     kind = "embed"
+    time_process = False   # batches are timed instead
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -101,13 +101,18 @@ class MatchStage(Stage):
         self.metrics.recognitions.labels(camera, result).inc()
         return self._message(result, camera, track_id, decision, st.last, st.extra_for(decision))
 
-    def _end(self, key: tuple) -> list[Message]:
+    def _end(self, key: tuple, at: FaceEmbeddings | None = None) -> list[Message]:
+        """Track ended (at the frame of `at`, when known): a late decision if it never got
+        enough votes, then track_ended with the last box seen and the time it ended."""
         late, st = self.matcher.end(key)
         if st is None:
             return []       # never embedded (never passed the quality gate): nothing to report
         camera, _, track_id = key
         out = [self._decision(camera, track_id, late, st)] if late is not None else []
-        out.append(self._message("track_ended", camera, track_id, st.decision, st.last))
+        last = dict(st.last)
+        if at is not None:
+            last.update(pts=at.pts, wall_ts=at.wall_ts)
+        out.append(self._message("track_ended", camera, track_id, st.decision, last))
         return out
 
     def process(self, msg: Message) -> list[Message]:
@@ -130,7 +135,7 @@ class MatchStage(Stage):
             if decision is not None:
                 out.append(self._decision(cam, tid, decision, self.matcher.state(key)))
         for tid in msg.ended_tracks.tolist():
-            out += self._end((cam, msg.epoch, tid))
+            out += self._end((cam, msg.epoch, tid), at=msg if msg.frame_index >= 0 else None)
         return out
 
     def end_of_stream(self, camera: str) -> list[Message]:

@@ -60,6 +60,8 @@ class StageContext:
 class Stage:
     """Base of every stage. Subclasses set `kind` and override setup/process/teardown."""
     kind: ClassVar[str] = ""
+    # the loop times each process() call into stage_latency; batching stages time their batches
+    time_process: ClassVar[bool] = True
 
     def __init__(self, ctx: StageContext):
         self.ctx = ctx
@@ -98,6 +100,10 @@ class Stage:
 
     def heartbeat_detail(self) -> dict:
         return {}
+
+    def on_lost(self, msg: Message, count: int) -> None:
+        """`count` messages from msg's sender never arrived before `msg` (already counted in
+        messages_lost); e.g. detect counts them as dropped frames of that camera."""
 
     # --- the shared loop ----------------------------------------------------------------
     def open_sockets(self) -> tuple[Receiver | None, Sender | None]:
@@ -157,7 +163,13 @@ class Stage:
                     out += self.end_of_stream(msg.camera)
                     out.append(EndOfStream(camera=msg.camera, reason=msg.reason))
                 elif msg is not None:
+                    if receiver.last_gap:
+                        self.on_lost(msg, receiver.last_gap)
+                    started = time.perf_counter()
                     out += self.process(msg)
+                    if self.time_process:
+                        self.metrics.stage_latency.labels(self.kind).observe(
+                            time.perf_counter() - started)
                 out += self.poll(time.monotonic())
                 self.send_all(sender, out)
                 if isinstance(msg, EndOfStream):

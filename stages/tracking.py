@@ -81,6 +81,7 @@ def tracker_args(kind: str, detect_cfg) -> object:
         args[key] = getattr(detect_cfg, key)
     if kind == "botsort":
         args["with_reid"] = False   # appearance comes from our own embedder, later in the pipeline
+        args["gmc_method"] = "none"  # fixed cameras: camera-motion compensation is wasted CPU
     return IterableSimpleNamespace(**args)
 
 

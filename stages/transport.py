@@ -47,23 +47,30 @@ class Endpoints:
     faces: str
     embeddings: str
     decisions: str
-    control: str
+    control: str | None    # None: a stage started by hand with tcp and no runtime dir
 
     @classmethod
     def for_runtime(cls, transport: str, runtime_dir: Path | None, host: str = "127.0.0.1",
                     base_port: int = 5580) -> "Endpoints":
-        if transport == "tcp":
-            return cls(*(f"tcp://{host}:{base_port + i}" for i in range(len(ENDPOINT_NAMES))))
-        if runtime_dir is None:
-            raise ValueError("ipc transport needs a runtime directory")
-        out = []
-        for name in ENDPOINT_NAMES:
+        """Pipeline links as ipc:// in the runtime dir, or tcp://host:base_port+i. The control
+        link is always local (ipc): each host's supervisor watches its own stages."""
+        def ipc(name: str) -> str:
+            if runtime_dir is None:
+                raise ValueError(f"the {name} socket needs a runtime directory (runtime.dir)")
             path = Path(runtime_dir) / f"{name}.sock"
             if len(str(path)) > IPC_PATH_MAX:
                 raise ValueError(f"ipc socket path too long ({len(str(path))} > {IPC_PATH_MAX} "
                                  f"characters): {path}; use a shorter runtime.dir")
-            out.append(f"ipc://{path}")
-        return cls(*out)
+            return f"ipc://{path}"
+
+        data = ENDPOINT_NAMES[:-1]
+        if transport == "tcp":
+            links = [f"tcp://{host}:{base_port + i}" for i in range(len(data))]
+            control = ipc("control") if runtime_dir is not None else None
+        else:
+            links = [ipc(name) for name in data]
+            control = ipc("control")
+        return cls(*links, control)
 
     @classmethod
     def from_config(cls, cfg) -> "Endpoints":
@@ -128,6 +135,7 @@ class Receiver:
         self.socket, self.endpoint = socket, endpoint
         self.seq = SeqTracker()
         self.lost = 0       # messages missing from per-sender sequences
+        self.last_gap = 0   # how many were missing just before the last message returned
         self.invalid = 0    # messages that failed to decode
 
     def recv(self, timeout_s: float) -> Message | None:
@@ -141,7 +149,7 @@ class Receiver:
             self.invalid += 1
             log.error("dropped an invalid message on %s: %s", self.endpoint, exc)
             return None
-        gap = self.seq.check(msg)
+        gap = self.last_gap = self.seq.check(msg)
         if gap:
             self.lost += gap
             log.warning("%d message(s) from %s lost before seq %d", gap, msg.sender, msg.seq)

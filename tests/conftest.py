@@ -9,7 +9,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +29,10 @@ if str(REPO) not in sys.path:
 
 from training.paths import shared_data_dir  # noqa: E402
 
-DETECTOR = REPO / "models" / "face_detector.onnx"
-EMBEDDER = REPO / "models" / "face_embedder.onnx"
+# $FACEWATCH_MODELS points the tests at models kept elsewhere (e.g. a GPU host's model store)
+MODELS_DIR = Path(os.environ.get("FACEWATCH_MODELS", REPO / "models"))
+DETECTOR = MODELS_DIR / "face_detector.onnx"
+EMBEDDER = MODELS_DIR / "face_embedder.onnx"
 
 
 # --- polling, never sleep-and-hope -------------------------------------------------------
@@ -150,7 +154,7 @@ def short_video(knn_dir, tmp_path_factory) -> FaceVideo:
 
 @pytest.fixture(scope="session")
 def models() -> tuple[Path, Path]:
-    missing = [str(p.relative_to(REPO)) for p in (DETECTOR, EMBEDDER) if not p.is_file()]
+    missing = [str(p) for p in (DETECTOR, EMBEDDER) if not p.is_file()]
     if missing:
         pytest.skip(f"trained models not present yet: {', '.join(missing)} "
                     f"(train and export them with `facewatch train-detector/-embedder`)")
@@ -179,7 +183,7 @@ def write_config(path: Path, cameras: list[dict], **sections) -> Path:
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "gallery": {"path": str(path.parent / "gallery.db"), "poll_interval_s": 0.2},
         "supervisor": {"restart_initial_s": 0.2, "restart_max_s": 2.0, "heartbeat_s": 0.5,
-                       "shutdown_timeout_s": 8.0},
+                       "shutdown_timeout_s": 7.0},
     }
     for key, value in sections.items():
         if isinstance(value, dict):
@@ -194,3 +198,68 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- the real daemon as a subprocess -------------------------------------------------------
+
+class Daemon:
+    """`facewatch run` in a subprocess, its log in a file, its status.json readable."""
+
+    def __init__(self, config: Path, runtime_dir: Path, args: list[str] = (), env: dict | None = None):
+        self.runtime_dir = runtime_dir
+        self.log_path = runtime_dir.parent / f"{runtime_dir.name}-daemon.log"
+        self._log = open(self.log_path, "wb")
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config), *args],
+            cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.runtime_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def stage(self, name: str) -> dict:
+        return self.status().get("stages", {}).get(name, {})
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90) -> dict:
+        def ready():
+            if self.proc.poll() is not None:
+                pytest.fail(f"daemon exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            return self.status() if self.status().get("ready") else None
+        return wait_for(ready, timeout, "the daemon to report every stage ready")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"daemon still running after {timeout} s:\n{self.log_text()[-3000:]}")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; the daemon promises to exit 0 within 10 s."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pid in [s.get("pid") for s in self.status().get("stages", {}).values()]:
+            if pid:   # a stage left behind by a failed test: ours, by pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self._log.close()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+    yield lambda *a, **kw: started.append(Daemon(*a, **kw)) or started[-1]
+    for d in started:
+        d.close()

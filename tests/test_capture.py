@@ -3,13 +3,15 @@ looping, drop-oldest under a slow consumer, and reconnection when the source app
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import free_port, wait_for
 from daemon.config import parse_config
 from stages.capture import CaptureStage, DropOldestQueue
 from stages.messages import EndOfStream, VideoFrame
@@ -179,3 +181,93 @@ def test_reconnects_until_the_source_appears(short_video, short_dir, capture_run
     frames, eos = run.recv_until_eos()
     assert len(frames) == short_video.frames and eos.reason == "eof"
     assert sample(run.metrics.camera_reconnects, camera="late") >= 3
+
+
+# --- a real RTSP server, stopped and restarted ---------------------------------------------
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+
+
+def rtsp_available() -> str | None:
+    """None when the system python has GStreamer's RTSP server, else why not."""
+    probe = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', "
+             "'1.0'); from gi.repository import Gst, GstRtspServer; Gst.init(None); "
+             "assert Gst.ElementFactory.find('x264enc'), 'x264enc (gstreamer1.0-plugins-ugly)'")
+    if not Path(SYSTEM_PYTHON).exists():
+        return f"{SYSTEM_PYTHON} not found"
+    r = subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True, text=True, timeout=30)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
+class RtspServer:
+    def __init__(self, port: int, path: str = "/cam"):
+        self.port, self.path = port, path
+        self.proc = None
+
+    def start(self) -> str:
+        self.proc = subprocess.Popen([SYSTEM_PYTHON, str(RTSP_SERVER), "--port", str(self.port),
+                                      "--path", self.path], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        line = self.proc.stdout.readline()    # blocks until READY or exit (bounded below)
+        if not line.startswith("READY"):
+            self.proc.kill()
+            pytest.fail(f"RTSP server did not start: {line}{self.proc.stdout.read()}")
+        return line.split()[1]
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def rtsp_server():
+    why = rtsp_available()
+    if why:
+        pytest.skip(f"no GStreamer RTSP server in {SYSTEM_PYTHON} ({why}); install "
+                    f"gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good "
+                    f"gstreamer1.0-plugins-ugly python3-gi (`make test-deps`)")
+    server = RtspServer(free_port())
+    yield server
+    server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_rtsp_camera_reconnects_after_server_restart(rtsp_server, short_dir, capture_runs, caplog):
+    url = rtsp_server.start()
+    user_url = url.replace("rtsp://", "rtsp://viewer:pa55word@")   # must never be logged
+    run = capture_runs(short_dir, {"name": "rtsp", "uri": user_url},
+                       reconnect_initial_s=0.2, reconnect_max_s=1.0, open_timeout_s=3,
+                       read_timeout_s=2)
+
+    def frames(n, timeout):
+        got = []
+        deadline = time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            msg = run.rx.recv(0.2)
+            if isinstance(msg, VideoFrame):
+                got.append(msg)
+        assert len(got) >= n, f"only {len(got)} of {n} RTSP frames within {timeout} s"
+        return got
+
+    first = frames(10, 30)
+    assert first[0].image.shape == (240, 320, 3)
+    assert all(b.pts > a.pts for a, b in zip(first, first[1:]))
+    assert sample(run.metrics.camera_up, camera="rtsp") == 1
+    rtsp_server.stop()
+    wait_for(lambda: sample(run.metrics.camera_up, camera="rtsp") == 0, 30,
+             "the capture to notice the server is gone")
+    while run.rx.recv(0.1) is not None:   # frames sent before the outage
+        pass
+    rtsp_server.start()
+    after = frames(10, 60)
+    assert sample(run.metrics.camera_up, camera="rtsp") == 1
+    assert sample(run.metrics.camera_reconnects, camera="rtsp") >= 1
+    assert "viewer:***@" in caplog.text and "pa55word" not in caplog.text
+    assert after[0].pts > first[-1].pts, "media time keeps increasing across reconnects"
+    assert after[-1].frame_index > first[-1].frame_index

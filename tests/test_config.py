@@ -1,0 +1,185 @@
+"""Config: the shipped file validates and documents the real defaults; errors name the key path,
+line and value; secrets never appear in errors; paths resolve where they should."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from daemon.config import (ConfigError, FacewatchConfig, config_from_json, config_to_json,
+                           load_config, parse_camera_arg, parse_config, redact_uri,
+                           with_runtime_dir)
+from stages.transport import Endpoints
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def validate_cli(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "validate-config", str(path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_shipped_config_validates_with_the_cli():
+    result = validate_cli(REPO / "config.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("OK")
+
+
+def test_shipped_config_documents_the_defaults():
+    """Every section of config.yaml states exactly the values the code uses by default, so the
+    documentation cannot drift from the schema."""
+    data = yaml.safe_load((REPO / "config.yaml").read_text())
+    shipped = parse_config(data, REPO)
+    defaults = parse_config({"cameras": data["cameras"]}, REPO)
+    for section in FacewatchConfig.model_fields:
+        if section != "cameras":
+            assert getattr(shipped, section) == getattr(defaults, section), section
+            assert set(data[section]) == set(type(getattr(shipped, section)).model_fields), section
+
+
+def test_unknown_key_names_path_line_and_value(tmp_path):
+    path = write(tmp_path, "cameras:\n  - name: a\n    uri: x.mp4\ndetect:\n  batch_max: 4\n"
+                           "  tracker_kind: sort\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert "detect.tracker_kind (line 6)" in str(exc.value)
+    assert "'sort'" in str(exc.value) and str(path) in str(exc.value)
+    result = validate_cli(path)
+    assert result.returncode != 0 and "detect.tracker_kind" in result.stderr
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("detect", "batch_max", 0, "greater than or equal to 1"),
+    ("detect", "tracker", "'sort'", "'bytetrack' or 'botsort'"),
+    ("embed", "votes", "many", "valid integer"),
+    ("models", "detector_imgsz", 100, "multiple of 32"),
+    ("models", "providers", "[CUDA]", "execution provider"),
+    ("publish", "endpoint", "'udp://x'", "tcp://HOST:PORT"),
+    ("runtime", "transport", "'shm'", "'ipc' or 'tcp'"),
+    ("supervisor", "stages", "[detect, crop]", "unknown stages"),
+])
+def test_bad_values_are_named(tmp_path, section, key, value, needle):
+    path = write(tmp_path, f"cameras:\n  - name: a\n    uri: x.mp4\n{section}:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    text = str(exc.value)
+    assert f"{section}.{key} (line 5)" in text and needle in text, text
+
+
+def test_duplicate_camera_names_are_rejected(tmp_path):
+    path = write(tmp_path, "cameras:\n  - name: door\n    uri: a.mp4\n  - name: door\n    uri: b.mp4\n")
+    with pytest.raises(ConfigError, match=r"cameras\[1\]\.name \(line 4\): duplicate camera name"):
+        load_config(path)
+
+
+def test_duplicate_yaml_keys_are_rejected(tmp_path):
+    path = write(tmp_path, "cameras:\n  - name: a\n    uri: a.mp4\ndetect:\n  batch_max: 2\n"
+                           "  batch_max: 3\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'batch_max' \(line 6\)"):
+        load_config(path)
+
+
+def test_no_cameras_and_bad_names(tmp_path):
+    with pytest.raises(ConfigError, match="cameras: Field required"):
+        load_config(write(tmp_path, "detect: {}\n"))
+    with pytest.raises(ConfigError, match=r"cameras\[0\]\.name"):
+        load_config(write(tmp_path, "cameras:\n  - name: 'front door'\n    uri: a.mp4\n"))
+
+
+def test_rtsp_password_never_in_errors(tmp_path):
+    path = write(tmp_path, "cameras:\n  - name: a\n    uri: rtsp://admin:hunter2@10.0.0.5/s1\n"
+                           "    loop: true\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert "cameras[0].loop" in str(exc.value) and "video files only" in str(exc.value)
+    # the whole camera entry can appear in an error: the password must not
+    with pytest.raises(ConfigError) as exc2:
+        parse_config({"cameras": [{"name": "a", "uri": "rtsp://admin:hunter2@h/s", "bad": 1}],
+                      "detect": {"batch_max": [{"uri": "rtsp://u:hunter2@h"}]}}, tmp_path)
+    for text in (str(exc.value), str(exc2.value)):
+        assert "hunter2" not in text
+
+
+@pytest.mark.parametrize("uri,safe", [
+    ("rtsp://admin:secret@10.0.0.1:554/s1", "rtsp://admin:***@10.0.0.1:554/s1"),
+    ("rtsp://admin:p@ss/w0rd@cam.local/live", "rtsp://admin:***@cam.local/live"),
+    ("rtsp://cam.local/live", "rtsp://cam.local/live"),
+    ("rtsp://onlyuser@cam.local/live", "rtsp://onlyuser@cam.local/live"),
+    ("http://cam/mjpg?user=a&password=zz&x=1", "http://cam/mjpg?user=a&password=***&x=1"),
+    ("/dev/video0", "/dev/video0"),
+])
+def test_redact_uri(uri, safe):
+    assert redact_uri(uri) == safe
+
+
+def test_env_references_expand_only_when_opened(tmp_path, monkeypatch):
+    monkeypatch.delenv("FW_TEST_PW", raising=False)
+    cfg = parse_config({"cameras": [{"name": "a", "uri": "rtsp://u:${FW_TEST_PW}@h/s"}]}, tmp_path)
+    with pytest.raises(ConfigError, match="FW_TEST_PW is not set"):
+        cfg.cameras[0].open_uri()
+    monkeypatch.setenv("FW_TEST_PW", "s3cret")
+    assert cfg.cameras[0].open_uri() == "rtsp://u:s3cret@h/s"
+    assert "s3cret" not in config_to_json(cfg) and "s3cret" not in cfg.cameras[0].safe_uri
+
+
+def test_paths_relative_to_config_and_cli_overrides_relative_to_cwd(tmp_path, monkeypatch):
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    path = write(sub, "cameras:\n  - name: a\n    uri: clips/a.mp4\n  - name: cam\n"
+                      "    uri: /dev/video2\n")
+    cfg = load_config(path)
+    assert cfg.cameras[0].uri == str(sub / "clips" / "a.mp4") and cfg.cameras[0].kind == "file"
+    assert cfg.cameras[1].kind == "device" and cfg.cameras[1].uri == "/dev/video2"
+    assert cfg.models.detector == sub / "models" / "face_detector.onnx"
+    assert cfg.gallery.path == sub / "gallery.db"
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(path, cameras=[parse_camera_arg("x=v.mp4"), parse_camera_arg("y=rtsp://h/s")],
+                      gallery="g.db", event_log="logs/e.jsonl")
+    assert [c.name for c in cfg.cameras] == ["x", "y"]
+    assert cfg.cameras[0].uri == str(tmp_path / "v.mp4") and cfg.cameras[1].kind == "stream"
+    assert cfg.gallery.path == tmp_path / "g.db"
+    assert cfg.publish.event_log == tmp_path / "logs" / "e.jsonl"
+    with pytest.raises(ValueError, match="NAME=URI"):
+        parse_camera_arg("novalue")
+
+
+def test_file_only_options_and_roi(tmp_path):
+    with pytest.raises(ConfigError, match=r"cameras\[0\]\.realtime.*video files only"):
+        parse_config({"cameras": [{"name": "a", "uri": "/dev/video0", "realtime": False}]}, tmp_path)
+    with pytest.raises(ConfigError, match=r"cameras\[0\]\.roi"):
+        parse_config({"cameras": [{"name": "a", "uri": "a.mp4", "roi": [10, 10, 5, 20]}]}, tmp_path)
+    cfg = parse_config({"cameras": [{"name": "a", "uri": "a.mp4", "loop": True,
+                                     "roi": [0, 0, 100, 50]}]}, tmp_path)
+    assert cfg.cameras[0].roi == (0, 0, 100, 50)
+
+
+def test_effective_config_round_trip_and_runtime_dir(tmp_path, monkeypatch):
+    cfg = parse_config({"cameras": [{"name": "a", "uri": "a.mp4"}]}, tmp_path)
+    assert config_from_json(config_to_json(cfg)) == cfg
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "run"))
+    assert with_runtime_dir(cfg).runtime.dir == tmp_path / "run"
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    with pytest.raises(ConfigError, match="runtime.dir"):
+        with_runtime_dir(cfg)
+    assert with_runtime_dir(cfg, tmp_path / "x").runtime.dir == tmp_path / "x"
+
+
+def test_endpoints(tmp_path):
+    ipc = Endpoints.for_runtime("ipc", Path("/run/facewatch"))
+    assert ipc.frames == "ipc:///run/facewatch/frames.sock" and ipc.input_of("detect") == ipc.frames
+    tcp = Endpoints.for_runtime("tcp", None, "10.0.0.2", 6000)
+    assert (tcp.frames, tcp.decisions, tcp.control) == ("tcp://10.0.0.2:6000",
+                                                        "tcp://10.0.0.2:6003", None)
+    assert Endpoints.for_runtime("tcp", Path("/run/fw"), "h", 1).control == "ipc:///run/fw/control.sock"
+    assert tcp.output_of("embed") == tcp.embeddings and tcp.output_of("publish") is None
+    with pytest.raises(ValueError, match="too long"):
+        Endpoints.for_runtime("ipc", Path("/" + "x" * 120))
