@@ -29,7 +29,10 @@ DEFAULT_DETECTOR = REPO_ROOT / "models" / "face_detector.onnx"
 # eye on a sample of images; scaled for other image sizes.
 LFW_CENTRE_BOX = (80.0, 72.0, 170.0, 182.0)
 LFW_SIDE = 250.0
-DETECTOR_IMGSZ = 320  # LFW images are 250 px: a larger letterbox only upsamples
+# LFW's 250 px images are mostly face. Our detector, trained on WIDER scenes where faces are
+# small, finds 99 of 100 sampled LFW faces at 160 px input and 33 of 100 at 320 (measured on
+# the epoch-13 checkpoint): detect at the scale the faces were trained at.
+DETECTOR_IMGSZ = 160
 
 
 def centre_box(shape) -> np.ndarray:
