@@ -86,9 +86,19 @@ class FaceDetector:
                  else (self.imgsz, self.imgsz))
         images, geometry = [], []
         for frame in frames:
-            image, scale, pad = letterbox(frame, self.imgsz, shape)
+            own = batch_shape([frame], self.imgsz, self.stride) if self.dynamic_shape else shape
+            image, scale, (pad_x, pad_y) = letterbox(frame, self.imgsz, own)
+            if own != shape:
+                # Grow to the batch's shape by whole strides on the top/left, so the face sits on
+                # the same anchor grid as when the frame is inferred alone (same boxes, scores).
+                top = self.stride * ((shape[0] - own[0]) // (2 * self.stride))
+                left = self.stride * ((shape[1] - own[1]) // (2 * self.stride))
+                image = cv2.copyMakeBorder(image, top, shape[0] - own[0] - top, left,
+                                           shape[1] - own[1] - left, cv2.BORDER_CONSTANT,
+                                           value=(PAD_VALUE,) * 3)
+                pad_x, pad_y = pad_x + left, pad_y + top
             images.append(image)
-            geometry.append((scale, pad, frame.shape[:2]))
+            geometry.append((scale, (pad_x, pad_y), frame.shape[:2]))
         # BGR HWC uint8 -> RGB NCHW float 0..1 in one pass
         batch = cv2.dnn.blobFromImages(images, 1 / 255.0, swapRB=True)
         return batch, geometry
