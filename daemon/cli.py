@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gallery": ("daemon.gallery_commands", "list, remove or export gallery entries"),
     "events": ("daemon.events_command", "subscribe to recognition events and print JSON lines"),
     "validate-config": ("daemon.config", "check a config file; name the bad key and value"),
+    "keys": ("daemon.keys_command", "make CURVE keys for the encrypted event socket"),
     "train-detector": ("training.train_detector", "train the YOLOv8 face detector"),
     "export-detector": ("export.detector_onnx", "export a detector checkpoint to ONNX"),
     "evaluate-detector": ("training.evaluate_detector", "AP of a detector on WIDER FACE format"),

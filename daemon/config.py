@@ -9,6 +9,7 @@ secrets can come from systemd credentials / EnvironmentFile instead of the file 
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import sys
@@ -207,12 +208,32 @@ class MatchConfig(Section):
     vote_window: int = Field(7, ge=1, le=1000, description="latest votes a decision counts")
 
 
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True for ipc:// and for tcp:// bound to a loopback address (127.0.0.0/8, ::1, localhost);
+    False for anything reachable from other hosts (0.0.0.0, *, an interface name, a LAN address)."""
+    if endpoint.startswith("ipc://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:   # "*", an interface name or a host name: assume it is reachable
+        return False
+
+
 class PublishConfig(Section):
     endpoint: str = Field("tcp://127.0.0.1:5570", description="ZeroMQ PUB bind address")
     event_log: Path | None = Field(Path("events.jsonl"), description="JSONL; null disables it")
     snapshots: bool = False
     snapshot_quality: int = Field(85, ge=1, le=100)
     hwm: int = Field(10000, ge=1)
+    curve_secret_key_file: Path | None = Field(
+        None, description="the daemon's CURVE secret key (`facewatch keys`): events are "
+                          "encrypted; required when endpoint is not loopback")
+    curve_clients_dir: Path | None = Field(
+        None, description="folder of client public keys (*.key) allowed to subscribe; null: "
+                          "any client that has the server's public key")
 
     @field_validator("event_log")
     @classmethod
@@ -225,6 +246,23 @@ class PublishConfig(Section):
         if not re.match(r"^(tcp|ipc)://\S+$", v):
             raise ValueError("endpoint must be tcp://HOST:PORT or ipc://PATH")
         return v
+
+    @field_validator("curve_secret_key_file")
+    @classmethod
+    def _curve_required_off_host(cls, v, info: ValidationInfo):
+        endpoint = info.data.get("endpoint")
+        if v is None and endpoint is not None and not is_loopback_endpoint(endpoint):
+            raise ValueError(f"required because publish.endpoint {endpoint} is reachable from "
+                             f"other hosts (events name people: they leave this host only "
+                             f"encrypted); make a key with `facewatch keys --out DIR`")
+        return _resolve(v, info)
+
+    @field_validator("curve_clients_dir")
+    @classmethod
+    def _clients_need_curve(cls, v, info: ValidationInfo):
+        if v is not None and info.data.get("curve_secret_key_file") is None:
+            raise ValueError("needs publish.curve_secret_key_file")
+        return _resolve(v, info)
 
 
 class MetricsConfig(Section):
@@ -466,6 +504,12 @@ def problems(cfg: FacewatchConfig) -> list[str]:
     for i, cam in enumerate(cfg.cameras):
         if cam.kind == "file" and not Path(cam.uri).is_file() and not _ENV_REF.search(cam.uri):
             out.append(f"cameras[{i}].uri: file not found: {cam.safe_uri}")
+    if cfg.publish.curve_secret_key_file is not None and \
+            not cfg.publish.curve_secret_key_file.is_file():
+        out.append(f"publish.curve_secret_key_file: file not found: "
+                   f"{cfg.publish.curve_secret_key_file}")
+    if cfg.publish.curve_clients_dir is not None and not cfg.publish.curve_clients_dir.is_dir():
+        out.append(f"publish.curve_clients_dir: folder not found: {cfg.publish.curve_clients_dir}")
     return out
 
 

@@ -31,7 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit after this many seconds without an event (status 1 if --count "
                         "was not reached)")
     p.add_argument("--server-key", help="CURVE public key of the daemon (Z85, 40 characters, or "
-                                        "a zmq certificate file); encrypts the connection")
+                                        "a zmq certificate file such as server.key from "
+                                        "`facewatch keys`); encrypts the connection")
+    p.add_argument("--client-key", help="this subscriber's keypair file (NAME.key_secret from "
+                                        "`facewatch keys --client NAME`), for a daemon that "
+                                        "admits only known clients (default: a one-off key)")
 
 
 def _server_key(value: str) -> bytes:
@@ -44,7 +48,19 @@ def _server_key(value: str) -> bytes:
     return value.encode("ascii")
 
 
-def open_subscriber(ctx: zmq.Context, endpoint: str, server_key: str | None = None) -> zmq.Socket:
+def _client_keypair(path: str) -> tuple[bytes, bytes]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--client-key {path}: {exc}") from None
+    if not secret:
+        raise ValueError(f"--client-key {path} holds no secret key (give NAME.key_secret, "
+                         f"not NAME.key)")
+    return public, secret
+
+
+def open_subscriber(ctx: zmq.Context, endpoint: str, server_key: str | None = None,
+                    client_key: str | None = None) -> zmq.Socket:
     """A SUB socket for events. Built here, not by transport.Transport.subscriber, because CURVE
     keys must be set before connect(); the limits still come from transport.Defaults."""
     sock = ctx.socket(zmq.SUB)
@@ -52,11 +68,20 @@ def open_subscriber(ctx: zmq.Context, endpoint: str, server_key: str | None = No
     sock.rcvhwm = Defaults.PUB_HWM  # as deep as the publisher's queue for us
     sock.reconnect_ivl = Defaults.RECONNECT_IVL_MS  # a restarting daemon is found again quickly
     sock.reconnect_ivl_max = Defaults.RECONNECT_IVL_MAX_MS
+    if client_key and not server_key:
+        sock.close()
+        raise ValueError("--client-key needs --server-key")
     if server_key:
         if not zmq.has("curve"):
+            sock.close()
             raise ValueError("--server-key given but this libzmq has no CURVE support")
-        sock.curve_serverkey = _server_key(server_key)
-        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()  # ephemeral client key
+        try:
+            sock.curve_serverkey = _server_key(server_key)
+            sock.curve_publickey, sock.curve_secretkey = (
+                _client_keypair(client_key) if client_key else zmq.curve_keypair())  # one-off
+        except ValueError:
+            sock.close()
+            raise
     sock.subscribe(b"")  # events carry no topic prefix: filter by type after parsing
     try:
         sock.connect(endpoint)
@@ -89,7 +114,11 @@ def run(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise ValueError(f"--timeout must be positive, got {args.timeout}")
     ctx = zmq.Context()
-    sock = open_subscriber(ctx, args.endpoint, args.server_key)
+    try:
+        sock = open_subscriber(ctx, args.endpoint, args.server_key, args.client_key)
+    except ValueError:
+        ctx.term()
+        raise
     try:
         return _loop(sock, args)
     except KeyboardInterrupt:

@@ -4,6 +4,11 @@ hand over to the supervisor (which starts every stage as its own process).
 The runtime directory holds the ipc sockets, the effective config the stages read
 (config.json, 0600), status.json and the Prometheus multiprocess files. It is
 `runtime.dir`, else systemd's $RUNTIME_DIRECTORY, else a new temporary directory removed at exit.
+
+Files the stages of this host cannot start without (the models, the CURVE key) are checked
+first: a missing one is an error naming its config key, before any process starts. A file that
+is there but corrupt or of the wrong kind is found by the stage loading it, which exits 78;
+the supervisor then stops everything and exits 78 (see daemon.supervisor).
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from daemon.config import (config_to_json, load_config, parse_camera_arg, problems,
-                           with_runtime_dir)
+from daemon.config import (STAGE_KINDS, ConfigError, FacewatchConfig, config_to_json,
+                           load_config, parse_camera_arg, problems, with_runtime_dir)
 
 log = logging.getLogger("facewatch.run")
 
@@ -35,9 +40,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--event-log", help="JSONL event log; overrides publish.event_log")
 
 
+def required_files(cfg: FacewatchConfig) -> list[tuple[str, Path, str]]:
+    """(config key, path, what it must be) for every file a stage run on this host reads at
+    start-up."""
+    local = set(cfg.supervisor.stages or STAGE_KINDS)
+    m, d = cfg.models, cfg.detect
+    out = []
+    if "detect" in local:
+        out.append(("models.detector", m.detector,
+                    "the face detector ONNX model (`facewatch export-detector`)"))
+    if "embed" in local or "match" in local or \
+            ("detect" in local and (d.crop_size is None or d.crop_scale is None)):
+        out.append(("models.embedder", m.embedder,
+                    "the face embedder ONNX model (`facewatch export-embedder`)"))
+    if "publish" in local and cfg.publish.curve_secret_key_file is not None:
+        out.append(("publish.curve_secret_key_file", cfg.publish.curve_secret_key_file,
+                    "the event socket's CURVE secret key (`facewatch keys`)"))
+    return out
+
+
+def check_required_files(cfg: FacewatchConfig) -> None:
+    for key, path, what in required_files(cfg):
+        if not Path(path).is_file():
+            raise ConfigError(f"{key}: file not found: {path} (expected {what})")
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, cameras=args.camera, gallery=args.gallery,
                       event_log=args.event_log)
+    check_required_files(cfg)
     for warning in problems(cfg):
         log.warning("%s", warning)
     temp_dir = None

@@ -15,6 +15,9 @@
   SIGTERM (flush and exit), then SIGKILL. Exit status 0.
 - When every source is a file that does not loop, the stages finish by themselves after the
   last EndOfStream and the supervisor exits 0.
+- A stage that cannot start and that a restart would not fix (exit status 78, EXIT_SETUP: a
+  missing, corrupt or wrong model file, an unreadable key) is not restarted: its reason is
+  logged, the other stages are drained as on SIGTERM, and the supervisor exits 78.
 - <runtime>/status.json: the stage pids and states, rewritten atomically on every change.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 from daemon.config import FacewatchConfig
 from daemon.sdnotify import Notifier
 from daemon.worker import SUPERVISOR_PID_ENV
+from stages.errors import EXIT_SETUP
 from stages.messages import EndOfStream
 from stages.metrics import Metrics, mark_process_dead, serve
 from stages.stage import Backoff
@@ -52,7 +56,7 @@ class StageProc:
     camera: str | None
     backoff: Backoff
     proc: subprocess.Popen | None = None
-    state: str = "pending"        # pending, starting, running, backoff, finished, stopped
+    state: str = "pending"        # pending, starting, running, backoff, finished, stopped, failed
     ready: bool = False
     ever_ready: bool = False
     finished: bool = False        # reported "finished" (every camera ended) before exiting
@@ -94,6 +98,7 @@ class Supervisor:
                                               Backoff(self.scfg.restart_initial_s,
                                                       self.scfg.restart_max_s))
         self.signal_received: int | None = None
+        self.fatal: str | None = None   # why the daemon stops with EXIT_SETUP
         self.signal_count = 0
         self.shutting_down = False
         self.shutdown_deadline = 0.0
@@ -157,6 +162,12 @@ class Supervisor:
         if st.finished and rc == 0:
             st.state = "finished"
             log.info("%s finished (pid %d)", st.name, pid)
+            return
+        if rc == EXIT_SETUP:   # a restart would fail the same way: stop the daemon instead
+            st.state = "failed"
+            why = st.last_error or "setup failed"
+            self.fatal = self.fatal or f"{st.name}: {why}"
+            log.error("%s (pid %d) %s; not restarting it", st.name, pid, why)
             return
         if self.shutting_down:
             st.state = "stopped"
@@ -238,12 +249,17 @@ class Supervisor:
         remote = [c for c in cameras if c not in local]
         if remote and "detect" in self.stages:
             self.inject_eos(self.endpoints.frames, remote)
+        # likewise a stage whose upstream runs on another host (e.g. only publish runs here)
+        kinds = {st.kind for st in self.stages.values()}
+        for kind in ("embed", "match", "publish"):
+            if kind in kinds and UPSTREAM[kind] not in kinds:
+                self.inject_eos(self.endpoints.input_of(kind), cameras)
         self._status_dirty = True
 
     def _inject_for_stopped(self, cameras: list[str]) -> None:
         """A stage that is down cannot pass EndOfStream on: send it to its output ourselves."""
         for st in self.stages.values():
-            if st.state == "stopped" and st.kind != "publish":
+            if st.state in ("stopped", "failed") and st.kind != "publish":
                 out = self.endpoints.output_of(st.kind)
                 cams = [st.camera] if st.kind == "capture" else cameras
                 if st.kind == "capture" and st.eos_forwarded:
@@ -363,6 +379,8 @@ class Supervisor:
             now = time.monotonic()
             for st, rc in exited:
                 self.on_exit(st, rc, now)
+            if self.fatal and not self.shutting_down:
+                self.begin_shutdown(now, "a stage cannot start")
             for st in self.stages.values():
                 if st.state == "backoff" and now >= st.next_start and not self.shutting_down:
                     self.start(st)
@@ -382,6 +400,9 @@ class Supervisor:
                     self.notifier.status(self.summary())
             if self.shutting_down:
                 if self._drain_step(now):
+                    if self.fatal:
+                        log.error("stopped because %s", self.fatal)
+                        return EXIT_SETUP
                     log.info("every stage stopped; exiting")
                     return 0
             elif all(st.state == "finished" for st in self.stages.values()):

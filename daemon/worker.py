@@ -3,7 +3,8 @@
 The supervisor starts one of these per stage (CONFIG is then the effective config it wrote as
 JSON into the runtime directory). It can also be started by hand, e.g. on another host with
 `runtime.transport: tcp`, with the YAML config. Exit status: 0 after a normal finish or SIGTERM,
-1 when the stage failed (the supervisor restarts it).
+1 when the stage failed (the supervisor restarts it), 78 (stages.errors.EXIT_SETUP) when it
+cannot start and a restart would not help, e.g. a corrupt model file (the supervisor stops).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import signal
 import sys
 
 from daemon.config import STAGE_KINDS, ConfigError, config_from_json, load_config, with_runtime_dir
+from stages.errors import EXIT_SETUP, SetupError
 
 # stage kind -> (module, class); imported only for the stage this process runs
 STAGE_CLASSES = {
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage = getattr(importlib.import_module(module), cls)(ctx)
         code = stage.run()
+    except SetupError as exc:  # a bad model or key file: one line, no traceback, no restart
+        log.error("cannot start: %s", exc)
+        if ctx.control is not None:
+            ctx.control.send("error", reason=f"cannot start: {exc}"[:500], detail={"fatal": True})
+        code = EXIT_SETUP
     except Exception as exc:   # a crash: tell the supervisor why, exit non-zero to be restarted
         log.exception("stage failed")
         if ctx.control is not None:

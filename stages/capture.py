@@ -9,6 +9,10 @@
 - A lost or unopenable source is retried with capped exponential backoff; the camera_up gauge
   and reconnect counter tell the operator. A non-looping file ends with EndOfStream.
 - `realtime: false` (files only) never drops: the reader blocks until the pipeline takes frames.
+- Damaged files: a frame that does not decode is skipped (counted as dropped, reason
+  "corrupt") and reading goes on; a file that is there but cannot be opened at all (not a
+  video, or cut short before its index) and does not change between two attempts ends its
+  camera with EndOfStream(reason="error") instead of being retried forever.
 """
 from __future__ import annotations
 
@@ -27,7 +31,14 @@ from stages.stage import Backoff, Stage
 from stages.transport import Defaults
 
 log = logging.getLogger("facewatch.capture")
-_END = object()   # queue sentinel: the source ended for good (non-looping file)
+MAX_FILE_READ_ERRORS = 30   # undecodable frames in a row before a file counts as ended
+
+
+class _End:
+    """Queue sentinel: the source ended for good (a non-looping file, or an unreadable one)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 class DropOldestQueue:
@@ -95,6 +106,8 @@ class VideoSource:
         self.loop_offset = 0.0     # media time of previous loops, so pts stays monotonic
         self.last_pts = -1.0
         self.opened_at = 0.0
+        self.skipped = 0           # undecodable frames skipped in files (taken by the caller)
+        self.unreadable_since: tuple | None = None   # (size, mtime) of a file that won't open
 
     def _continue_timeline(self) -> None:
         """After a reopen or a loop, pts restarts at 0 in the source: keep ours monotonic."""
@@ -120,15 +133,43 @@ class VideoSource:
         if not cap.isOpened():
             cap.release()
             return False
+        self.unreadable_since = None
         self.cap = cap
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps if 0 < fps < 1000 else 25.0
         self.opened_at = time.monotonic()
         return True
 
+    def unreadable_file(self) -> bool:
+        """After a failed open: True when the file is there, not empty, and unchanged since the
+        previous failed open, so it is damaged rather than still being written."""
+        if self.camera.kind != "file":
+            return False
+        try:
+            st = os.stat(self.camera.open_uri())
+        except (OSError, ConfigError):
+            self.unreadable_since = None
+            return False
+        now = (st.st_size, st.st_mtime_ns)
+        before, self.unreadable_since = self.unreadable_since, now
+        return st.st_size > 0 and before == now
+
+    def _read_one(self) -> tuple[bool, np.ndarray | None]:
+        ok, frame = self.cap.read() if self.cap is not None else (False, None)
+        if ok and frame is not None or self.camera.kind != "file" or self.cap is None:
+            return ok, frame
+        # A file: one undecodable frame (damaged data) must not end it; the real end fails
+        # every time, which costs only these few extra reads once per file.
+        for skipped in range(1, MAX_FILE_READ_ERRORS + 1):
+            ok, frame = self.cap.read()
+            if ok and frame is not None:
+                self.skipped += skipped
+                return ok, frame
+        return False, None
+
     def read(self) -> tuple[np.ndarray | None, float]:
         """(frame, pts seconds), or (None, 0) at the end of the stream or on an error."""
-        ok, frame = self.cap.read() if self.cap is not None else (False, None)
+        ok, frame = self._read_one()
         if not ok or frame is None:
             return None, 0.0
         pts = self.loop_offset + self.cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
@@ -192,6 +233,11 @@ class CaptureStage(Stage):
             while not stop.is_set():
                 if not self.source.open():
                     self._set_up(False)
+                    if self.source.unreadable_file():
+                        self.log.error("cannot read video file %s (not a video, or cut short "
+                                       "before its index); camera %s ends", safe, name)
+                        self.queue.put(_End("error"), stop)
+                        return
                     delay = self.backoff.next_delay()
                     self.reconnects += 1
                     self.metrics.camera_reconnects.labels(name).inc()
@@ -202,7 +248,7 @@ class CaptureStage(Stage):
                 ended = self._read_frames()
                 if ended:
                     self.log.info("end of file %s after %d frames", safe, self.frames_read)
-                    self.queue.put(_END, stop)
+                    self.queue.put(_End("eof"), stop)
                     return
                 if not stop.is_set():
                     self._set_up(False)
@@ -233,6 +279,11 @@ class CaptureStage(Stage):
                 if not self.source.rewind():
                     return False
                 continue
+            if self.source.skipped:
+                self.log.warning("skipped %d undecodable frame(s) of %s", self.source.skipped,
+                                 cam.safe_uri)
+                self.metrics.frames_dropped.labels(cam.name, "corrupt").inc(self.source.skipped)
+                self.source.skipped = 0
             wall = time.time()
             self.frames_read += 1
             self.metrics.frames_captured.labels(cam.name).inc()
@@ -289,9 +340,9 @@ class CaptureStage(Stage):
                 item = self.queue.get(timeout_s=0.1)
                 if item is None:
                     continue
-                if item is _END:
-                    sender.send(EndOfStream(camera=self.camera.name, reason="eof"))
-                    self.control("eos", camera=self.camera.name, reason="eof")
+                if isinstance(item, _End):
+                    sender.send(EndOfStream(camera=self.camera.name, reason=item.reason))
+                    self.control("eos", camera=self.camera.name, reason=item.reason)
                     self.control("finished")
                     return 0
                 if not self.camera.realtime:   # lossless file: backpressure instead of drops

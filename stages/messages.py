@@ -172,7 +172,7 @@ class EndOfStream(Message):
     """A camera's stream ended (file finished, or shutdown). Flows down the whole pipeline, after
     every message of that camera, so each stage can flush that camera and know when it is done."""
     KIND: ClassVar[str] = "EndOfStream"
-    reason: str = "eof"        # "eof" (source ended) or "shutdown"
+    reason: str = "eof"        # "eof" (source ended), "error" (unreadable file) or "shutdown"
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -31,7 +31,8 @@ class Metrics:
                                  ["camera"], **kw)
         self.frames_dropped = c("facewatch_frames_dropped", "Frames dropped before detection "
                                 "(queue_full: capture's queue overflowed, oldest dropped; "
-                                "lost: missing from the sequence at detect)",
+                                "lost: missing from the sequence at detect; corrupt: "
+                                "undecodable frames of a video file, skipped)",
                                 ["camera", "reason"], **kw)
         self.frames_processed = c("facewatch_frames_processed", "Frames run through the detector",
                                   ["camera"], **kw)

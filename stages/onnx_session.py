@@ -8,14 +8,17 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from stages.errors import SetupError
+
 log = logging.getLogger("facewatch.onnx")
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 _fallback_logged: set[str] = set()
 
 
-class ModelError(ValueError):
-    """A model file that cannot be used; the message names the file and what was expected."""
+class ModelError(SetupError):
+    """A model file that cannot be used; the message names the file and what was expected.
+    Fatal for the daemon (stages.errors): restarting a stage does not change the file."""
 
 
 def choose_providers(requested) -> list[str]:

@@ -10,20 +10,26 @@ import base64
 import os
 import time
 import uuid
+from pathlib import Path
 
 import cv2
 
 from stages.messages import EVENT_SCHEMA, Message, TrackDecision, event_json
 from stages.stage import Stage
+from stages.transport import CurveServer
 
 
 class EventLog:
-    """Append-only JSONL file: whole lines, one write each, fsync on close."""
+    """Append-only JSONL file: whole lines, one write each, fsync on close.
+
+    Events name people and carry face snapshots: the file is created 0600 and the folders this
+    creates 0700 (an existing file or folder keeps the mode its owner gave it)."""
 
     def __init__(self, path):
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.path = Path(path)
+        for folder in reversed([p for p in self.path.absolute().parents if not p.exists()]):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def write(self, line: bytes) -> None:
         data = line + b"\n"
@@ -49,10 +55,14 @@ class PublishStage(Stage):
         self.seq = 0
 
     def setup(self) -> None:
-        self.pub = self.ctx.transport.publisher(self.pcfg.endpoint, hwm=self.pcfg.hwm)
+        curve = None
+        if self.pcfg.curve_secret_key_file is not None:
+            curve = CurveServer.load(self.pcfg.curve_secret_key_file, self.pcfg.curve_clients_dir)
+        self.pub = self.ctx.transport.publisher(self.pcfg.endpoint, hwm=self.pcfg.hwm, curve=curve)
         if self.pcfg.event_log is not None:
             self.log_file = EventLog(self.pcfg.event_log)
-        self.log.info("publishing events on %s%s", self.pcfg.endpoint,
+        self.log.info("publishing events on %s%s%s", self.pcfg.endpoint,
+                      f" (CURVE, server key {curve.public_key.decode()})" if curve else "",
                       f", log {self.pcfg.event_log}" if self.log_file else "")
 
     def event(self, msg: TrackDecision) -> dict:

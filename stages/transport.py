@@ -9,17 +9,24 @@ peers reconnect by themselves):
 
 Endpoints are ipc:// sockets in the runtime directory, or tcp://host:base_port+i so stages can
 run on other hosts. Every limit is declared once, in `Defaults`.
+
+The public event socket can be a CURVE server (`CurveServer`, keys from `facewatch keys`):
+encrypted, and, with a clients folder, open only to the client keys in it (a ZAP handler).
 """
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
+from stages.errors import SetupError
 from stages.messages import Control, Message, MessageError, SeqTracker, decode, encode
 
 log = logging.getLogger("facewatch.transport")
@@ -86,6 +93,38 @@ class Endpoints:
         """The endpoint a stage kind connects and writes to (publish has none internally)."""
         return {"capture": self.frames, "detect": self.faces, "embed": self.embeddings,
                 "match": self.decisions}.get(stage_kind)
+
+
+@dataclass(frozen=True)
+class CurveServer:
+    """The event socket's CURVE identity, and the folder of client public keys allowed in
+    (None: any client that has the server's public key)."""
+    public_key: bytes
+    secret_key: bytes
+    clients_dir: Path | None = None
+
+    @classmethod
+    def load(cls, secret_file, clients_dir=None, key: str = "publish.curve_secret_key_file"
+             ) -> "CurveServer":
+        """Read a `facewatch keys` secret key file; errors name the config key and the file."""
+        path = Path(secret_file)
+        if not zmq.has("curve"):
+            raise SetupError(f"{key} is set but this libzmq {zmq.zmq_version()} has no CURVE")
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            public, secret = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as exc:
+            raise SetupError(f"{key}: cannot read {path} (expected a CURVE secret key file "
+                             f"made by `facewatch keys`): {exc}") from None
+        if not secret or len(secret) != 40 or len(public) != 40:
+            raise SetupError(f"{key}: {path} holds no CURVE secret key (expected the "
+                             f"server.key_secret file made by `facewatch keys`, not server.key)")
+        if mode & stat.S_IROTH:
+            raise SetupError(f"{key}: {path} is readable by every user (mode {mode:04o}); "
+                             f"chmod 600 it")
+        if clients_dir is not None and not Path(clients_dir).is_dir():
+            raise SetupError(f"publish.curve_clients_dir: folder not found: {clients_dir}")
+        return cls(public, secret, None if clients_dir is None else Path(clients_dir))
 
 
 class Sender:
@@ -191,10 +230,15 @@ class Transport:
     def __init__(self) -> None:
         self.context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
+        self._authenticator = None
 
     def _socket(self, kind: int, endpoint: str, bind: bool, sndhwm: int | None = None,
-                rcvhwm: int | None = None, linger_ms: int = Defaults.LINGER_MS) -> zmq.Socket:
+                rcvhwm: int | None = None, linger_ms: int = Defaults.LINGER_MS,
+                curve: CurveServer | None = None) -> zmq.Socket:
         sock = self.context.socket(kind)
+        if curve is not None:   # before bind: the mechanism is fixed per connection
+            sock.curve_server = True
+            sock.curve_publickey, sock.curve_secretkey = curve.public_key, curve.secret_key
         sock.setsockopt(zmq.LINGER, linger_ms)
         sock.setsockopt(zmq.RECONNECT_IVL, Defaults.RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, Defaults.RECONNECT_IVL_MAX_MS)
@@ -222,8 +266,24 @@ class Transport:
     def receiver(self, endpoint: str, hwm: int = Defaults.DATA_HWM, bind: bool = True) -> Receiver:
         return Receiver(self._socket(zmq.PULL, endpoint, bind, rcvhwm=hwm), endpoint)
 
-    def publisher(self, endpoint: str, hwm: int = Defaults.PUB_HWM) -> zmq.Socket:
-        return self._socket(zmq.PUB, endpoint, bind=True, sndhwm=hwm)
+    def publisher(self, endpoint: str, hwm: int = Defaults.PUB_HWM,
+                  curve: CurveServer | None = None) -> zmq.Socket:
+        """The public event socket; with `curve`, only CURVE clients get events (and, with a
+        clients folder, only those whose public key is in it)."""
+        if curve is not None and curve.clients_dir is not None:
+            self._allow_clients(curve.clients_dir)
+        return self._socket(zmq.PUB, endpoint, bind=True, sndhwm=hwm, curve=curve)
+
+    def _allow_clients(self, clients_dir: Path) -> None:
+        if self._authenticator is None:
+            self._authenticator = ThreadAuthenticator(self.context, log=log)
+            self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=str(clients_dir))
+        count = len(list(Path(clients_dir).glob("*.key")))
+        if count == 0:
+            log.warning("no client keys (*.key) in %s: no subscriber can connect", clients_dir)
+        else:
+            log.info("event subscribers limited to the %d client key(s) in %s", count, clients_dir)
 
     def subscriber(self, endpoint: str, topic: bytes = b"") -> zmq.Socket:
         sock = self._socket(zmq.SUB, endpoint, bind=False)
@@ -243,4 +303,7 @@ class Transport:
         for sock in self._sockets:
             sock.close(linger=linger_ms)
         self._sockets.clear()
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
         self.context.term()

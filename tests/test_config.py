@@ -75,6 +75,34 @@ def test_bad_values_are_named(tmp_path, section, key, value, needle):
     assert f"{section}.{key} (line 5)" in text and needle in text, text
 
 
+@pytest.mark.parametrize("text,where,needle", [
+    # wrong types: a scalar, a whole section, a list where a mapping belongs, a short roi
+    ("cameras:\n  - name: a\n    uri: x.mp4\n    fps_cap: ten\n", "cameras[0].fps_cap (line 4)",
+     "valid number"),
+    ("cameras:\n  - name: a\n    uri: x.mp4\ndetect: 5\n", "detect (line 4)",
+     "valid dictionary"),
+    ("cameras:\n  name: a\n  uri: x.mp4\n", "cameras (line 1)", "valid list"),
+    ("cameras:\n  - name: a\n    uri: x.mp4\nmetrics:\n  enabled: maybe\n",
+     "metrics.enabled (line 5)", "valid boolean"),
+    # unknown keys, in a camera and at the top
+    ("cameras:\n  - name: a\n    uri: x.mp4\n    pasword: x\n", "cameras[0].pasword (line 4)",
+     "Extra inputs are not permitted"),
+    ("cameras:\n  - name: a\n    uri: x.mp4\ndetector: {}\n", "detector (line 4)",
+     "Extra inputs are not permitted"),
+    # duplicate camera names
+    ("cameras:\n  - name: door\n    uri: a.mp4\n  - name: door\n    uri: b.mp4\n",
+     "cameras[1].name (line 4)", "duplicate camera name"),
+    # events leaving the host unencrypted
+    ("cameras:\n  - name: a\n    uri: x.mp4\npublish:\n  endpoint: tcp://0.0.0.0:5570\n",
+     "publish.curve_secret_key_file (line 4)", "reachable from other hosts"),
+])
+def test_validate_config_cli_names_the_key(tmp_path, text, where, needle):
+    path = write(tmp_path, text)
+    result = validate_cli(path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{path}: {where}: " in result.stderr and needle in result.stderr, result.stderr
+
+
 def test_duplicate_camera_names_are_rejected(tmp_path):
     path = write(tmp_path, "cameras:\n  - name: door\n    uri: a.mp4\n  - name: door\n    uri: b.mp4\n")
     with pytest.raises(ConfigError, match=r"cameras\[1\]\.name \(line 4\): duplicate camera name"):

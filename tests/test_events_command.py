@@ -106,7 +106,10 @@ def test_timeout(ctx):
 def test_bad_arguments():
     for args, message in [(["--endpoint", "nonsense"], "cannot connect to --endpoint 'nonsense'"),
                           (["--count", "0"], "--count must be at least 1"),
-                          (["--server-key", "short"], "40-character Z85 key")]:
+                          (["--server-key", "short"], "40-character Z85 key"),
+                          (["--client-key", "alice.key_secret"], "--client-key needs --server-key"),
+                          (["--server-key", "x" * 40, "--client-key", "/nonexistent/a.key_secret"],
+                           "--client-key /nonexistent/a.key_secret")]:
         proc = start("tcp://127.0.0.1:1", "--timeout", "0.1", *args)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 2 and message in err and "Traceback" not in err
