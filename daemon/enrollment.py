@@ -86,6 +86,9 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
                               f"{MAX_IMAGE_PIXELS / 1e6:.0f}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise EnrollmentError(f"not an image: {path} ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001  a plugin that fails on odd bytes (ultralytics
+        # registers a HEIF opener that needs pi_heif): the file is still not an image we read
+        raise EnrollmentError(f"not an image: {path} ({type(exc).__name__}: {exc})") from None
     if width * height > MAX_IMAGE_PIXELS:
         raise EnrollmentError(f"image too large: {path} is {width}x{height} pixels "
                               f"({width * height / 1e6:.0f} megapixels), the limit is "

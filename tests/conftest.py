@@ -18,6 +18,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# TensorFlow (embedder tests, imported at collection) and torch (ultralytics) share this process.
+# torch's triton segfaults when imported after TensorFlow (tensorflow-cpu 2.21, torch 2.14);
+# the other order works, so torch's heavy half is loaded first.
+try:
+    import torchvision.ops  # noqa: F401  (imports torch._dynamo and triton)
+except ImportError:
+    pass
 import cv2
 import numpy as np
 import pytest

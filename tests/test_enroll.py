@@ -92,9 +92,11 @@ def test_huge_header_is_refused_without_allocating(tmp_path, kind):
     """20000 x 20000 x 3 would be 1.2 GB: the peak memory of the refusing process proves it was not."""
     path = write(tmp_path / f"bomb.{kind}",
                  png_header(20000, 20000) if kind == "png" else jpeg_claiming(20000, 20000))
-    script = ("import resource, sys\nfrom daemon.enrollment import load_image, EnrollmentError\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) pytest parent across
+    # fork+exec, while VmHWM belongs to the child's own address space.
+    script = ("import re, sys\nfrom daemon.enrollment import load_image, EnrollmentError\n"
               "try:\n    load_image(sys.argv[1])\nexcept EnrollmentError as e:\n    print(e)\n"
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+              "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) // 1024)")
     out = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, check=True).stdout.splitlines()
     assert out[0].startswith(f"image too large: {path}")
@@ -171,13 +173,15 @@ def noise(tmp_path: Path) -> Path:
 @needs_knn
 def test_enroll_and_recognize(tmp_path, models):
     detector, embedder, model_id = models
+    enrolled = 0
     with Gallery(tmp_path / "g.db") as g:
         for name in ("obama", "biden", "rose_leslie"):
             photos = sorted((KNN / "train" / name).glob("*"))
             result = enroll_images(g, name, photos, detector, embedder, model_id)
             assert result.embeddings.shape == (len(photos), embedder.embedding_size)
+            enrolled += len(photos)
         snap = g.snapshot()
-        assert snap.model_id == model_id and len(snap) == 5
+        assert snap.model_id == model_id and len(snap) == enrolled == 6
     _, probe = prepare([KNN / "test" / "obama1.jpg"], detector, embedder)
     assert snap.names[int(np.argmax(snap.embeddings @ probe[0]))] == "obama"
 
