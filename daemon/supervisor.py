@@ -298,6 +298,11 @@ class Supervisor:
                 self.kill(st, signal.SIGKILL, f"not ready after {self.scfg.ready_timeout_s:.0f} s")
         return healthy
 
+    def consumers_ready(self) -> bool:
+        """Every local non-capture stage has been ready once (true on a capture-only host)."""
+        return all(st.ever_ready or st.state in ("finished", "failed", "stopped")
+                   for st in self.stages.values() if st.kind != "capture")
+
     def all_ready(self) -> bool:
         return all(st.ever_ready or st.state == "finished" for st in self.stages.values())
 
@@ -340,8 +345,12 @@ class Supervisor:
                              f"{self.cfg.metrics.host}:{self.cfg.metrics.port})") from exc
         if self.metrics_server is not None:
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.cfg.metrics.port)
+        # Captures start once the stages they feed are ready: a camera opened while the models
+        # still load would only fill queues with frames that are dropped or arrive late.
         for st in self.stages.values():
-            self.start(st)
+            if st.kind != "capture":
+                self.start(st)
+        self.captures_started = False
         self.notifier.status("starting stages")
         try:
             return self._loop(control)
@@ -384,6 +393,11 @@ class Supervisor:
             for st in self.stages.values():
                 if st.state == "backoff" and now >= st.next_start and not self.shutting_down:
                     self.start(st)
+            if not self.captures_started and not self.shutting_down and self.consumers_ready():
+                self.captures_started = True
+                for st in self.stages.values():
+                    if st.kind == "capture" and st.state == "pending":
+                        self.start(st)
             healthy = self.check_health(now)
             if not self.ready_sent and not self.shutting_down and self.all_ready():
                 self.ready_sent = True
