@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-embedder": ("training.train_embedder", "train the ConvNeXt-Siamese embedder"),
     "export-embedder": ("export.embedder_onnx", "export an embedder checkpoint to ONNX"),
     "evaluate-embedder": ("training.evaluate_embedder", "verification metrics on LFW-format pairs"),
+    "evaluate-oneshot": ("training.oneshot_scenario", "score one-shot recognition on a generated video"),
 }
 
 

@@ -11,17 +11,12 @@ import json
 import logging
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
+from daemon.file_run import file_config, load_models, run_daemon
 from training.paths import REPO_ROOT, runs_dir, shared_data_dir
 
 log = logging.getLogger("facewatch.demo")
@@ -92,20 +87,11 @@ def write_video(path: Path, photos: list[Path]) -> int:
     return frames
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def enroll_all(gallery_path: Path, people: dict[str, list[Path]], models: Path) -> None:
     from daemon.enrollment import enroll_images
-    from stages.face_detector import FaceDetector
-    from stages.face_embedder import FaceEmbedder
     from stages.gallery import Gallery
 
-    detector = FaceDetector(models / "face_detector.onnx", providers=["CPUExecutionProvider"])
-    embedder = FaceEmbedder(models / "face_embedder.onnx", providers=["CPUExecutionProvider"])
+    detector, embedder = load_models(models / "face_detector.onnx", models / "face_embedder.onnx")
     with Gallery(gallery_path) as gallery:
         for name, photos in people.items():
             try:
@@ -115,23 +101,10 @@ def enroll_all(gallery_path: Path, people: dict[str, list[Path]], models: Path) 
                 print(f"not enrolled {name}: {exc}", flush=True)
 
 
-def print_events(endpoint: str, stop: threading.Event, counts: dict) -> None:
-    import zmq
-
-    ctx = zmq.Context.instance()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.setsockopt(zmq.RCVTIMEO, 200)
-    sub.connect(endpoint)
-    while not stop.is_set():
-        try:
-            event = json.loads(sub.recv_multipart()[-1])
-        except zmq.Again:
-            continue
-        counts[event["type"]] = counts.get(event["type"], 0) + 1
-        event.pop("snapshot_jpeg", None)
-        print(json.dumps(event), flush=True)
-    sub.close(linger=0)
+def print_event(event: dict, counts: dict) -> None:
+    counts[event["type"]] = counts.get(event["type"], 0) + 1
+    event.pop("snapshot_jpeg", None)
+    print(json.dumps(event), flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,32 +121,11 @@ def run(args: argparse.Namespace) -> int:
     gallery.unlink(missing_ok=True)
     enroll_all(gallery, people, args.models)
 
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = {"cameras": [{"name": "demo", "uri": str(video), "loop": False}],
-              "models": {"detector": str(args.models / "face_detector.onnx"),
-                         "embedder": str(args.models / "face_embedder.onnx")},
-              "gallery": {"path": str(gallery)},
-              "publish": {"endpoint": endpoint, "event_log": str(workdir / "events.jsonl")},
-              "metrics": {"port": free_port()}}
-    config_path = workdir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    (workdir / "events.jsonl").unlink(missing_ok=True)
-
-    stop, counts = threading.Event(), {}
-    printer = threading.Thread(target=print_events, args=(endpoint, stop, counts), daemon=True)
-    printer.start()
-    daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(config_path)],
-                              cwd=REPO_ROOT)
-    try:
-        code = daemon.wait(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(timeout=15)
-    except KeyboardInterrupt:
-        daemon.send_signal(signal.SIGINT)
-        code = daemon.wait(timeout=15)
-    stop.set()
-    printer.join(timeout=2)
+    config = file_config(video, "demo", args.models / "face_detector.onnx",
+                         args.models / "face_embedder.onnx", gallery, workdir / "events.jsonl")
+    counts: dict = {}
+    code = run_daemon(config, workdir / "config.yaml", args.timeout,
+                      on_event=lambda event: print_event(event, counts))
     print(f"daemon exited {code}; events by type: {json.dumps(counts)}; "
           f"event log {workdir / 'events.jsonl'}", flush=True)
     return code
