@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test setup test-deps bench clean
+.PHONY: demo test setup test-deps bench soak clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/facewatch demo
@@ -35,6 +35,10 @@ test-deps:
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.run_all
+
+# 10 minutes of 4 looped cameras: RSS of every process (bench/results/soak.json, soak.png).
+soak: $(VENV)/.installed
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -43,8 +43,9 @@ def default_models_dir() -> Path:
     return Path(os.environ.get("FACEWATCH_MODELS", REPO / "models"))
 
 
-def add_common_arguments(p: argparse.ArgumentParser, seconds: float, warmup: float,
-                         rounds: int) -> None:
+def add_daemon_arguments(p: argparse.ArgumentParser) -> None:
+    """What configures the daemon and a baseline alike: models, clip, threads, providers, the
+    synthetic gallery's size, config overrides."""
     p.add_argument("--models", type=Path, default=default_models_dir(),
                    help="folder with face_detector.onnx and face_embedder.onnx (default: models/)")
     p.add_argument("--video", type=Path, default=None,
@@ -54,16 +55,21 @@ def add_common_arguments(p: argparse.ArgumentParser, seconds: float, warmup: flo
                         "(0: onnxruntime's choice, the config default)")
     p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
                    help="onnxruntime execution providers, daemon and baseline alike")
-    p.add_argument("--seconds", type=float, default=seconds, help="timed window per measurement")
-    p.add_argument("--warmup", type=float, default=warmup,
-                   help="seconds of processing before a window starts")
-    p.add_argument("--rounds", type=int, default=rounds,
-                   help="alternating rounds (candidate and baseline in turn); medians reported")
     p.add_argument("--gallery-size", type=int, default=100,
                    help="synthetic people enrolled for the daemon and the baseline alike")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a config override for the daemon and the baseline alike (repeatable), "
                         "e.g. models.detector_imgsz=640 or detect.new_track_thresh=0.3")
+
+
+def add_common_arguments(p: argparse.ArgumentParser, seconds: float, warmup: float,
+                         rounds: int) -> None:
+    add_daemon_arguments(p)
+    p.add_argument("--seconds", type=float, default=seconds, help="timed window per measurement")
+    p.add_argument("--warmup", type=float, default=warmup,
+                   help="seconds of processing before a window starts")
+    p.add_argument("--rounds", type=int, default=rounds,
+                   help="alternating rounds (candidate and baseline in turn); medians reported")
     p.add_argument("--quick", action="store_true",
                    help="short windows and one round: checks that it runs, numbers are rough")
 
@@ -338,14 +344,15 @@ class Daemon:
         except (OSError, ValueError):
             return {}
 
-    def _alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raises RuntimeError (with the log tail) if the daemon has exited."""
         if self.proc.poll() is not None:
             raise RuntimeError(f"the daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
 
     def wait_for(self, condition, timeout: float, what: str, interval: float = 0.2):
         deadline = time.monotonic() + timeout
         while True:
-            self._alive()
+            self.check_alive()
             value = condition()
             if value:
                 return value
@@ -357,9 +364,17 @@ class Daemon:
     def wait_ready(self, timeout: float = 300) -> dict:
         status = self.wait_for(lambda: (s := self.status()).get("ready") and s, timeout,
                                "every stage to be ready")
-        self._stage_pids = {name: st["pid"] for name, st in status["stages"].items() if st["pid"]}
-        self._stage_pids["supervisor"] = status["supervisor_pid"]
+        self._stage_pids = self.pids(status)
         return status
+
+    def pids(self, status: dict | None = None) -> dict[str, int]:
+        """Stage name (and "supervisor") -> pid, from `status` or status.json read afresh: a
+        restarted stage has a new pid, one waiting to restart none (left out)."""
+        status = self.status() if status is None else status
+        out = {name: st["pid"] for name, st in status.get("stages", {}).items() if st.get("pid")}
+        if status.get("supervisor_pid"):
+            out["supervisor"] = status["supervisor_pid"]
+        return out
 
     def snapshot(self) -> Snapshot:
         t0, w0 = time.monotonic(), time.time()

@@ -1,13 +1,16 @@
 """The benchmark suite (`make bench`): every benchmark, one JSON file, one chart.
 
     python -m bench.run_all [--quick] [--models DIR] [--only pipeline stages ...] [--set K=V ...]
+                            [--soak]
 
 Runs, each in its own process (so one benchmark's models and sessions never load another's
 measurements): bench.bench_pipeline (daemon vs the naive loop, latency, real-time first event),
 bench.bench_stages (each stage alone, memory, pipelining efficiency), bench.bench_cameras
 (throughput against 1-8 cameras), bench.bench_embedder and bench.bench_detector (the model
-runtimes against onnxruntime/ultralytics baselines). Writes bench/results/latest.json and
-bench/results/latest.png (throughput against cameras; stage throughputs) and prints the JSON.
+runtimes against onnxruntime/ultralytics baselines); with `--soak` also bench.soak (10 minutes
+of 4 looped cameras, RSS growth of every process; 2 minutes with `--quick`). Writes
+bench/results/latest.json and bench/results/latest.png (throughput against cameras; stage
+throughputs) and prints the JSON.
 A benchmark that fails is recorded with its error and the others still run; the exit status
 is then 1. `--quick` runs short windows and one round: for checking that the suite works, not
 for numbers.
@@ -26,6 +29,7 @@ from bench.common import (REPO, default_models_dir, emit, environment, log, mode
 
 RESULTS = REPO / "bench" / "results"
 SUITE = ("pipeline", "stages", "cameras", "embedder", "detector")
+OPT_IN = ("soak",)      # long: run only when asked for (--soak, or --only soak)
 
 
 def commands(args, detector: Path, embedder: Path) -> dict[str, list[str]]:
@@ -45,6 +49,10 @@ def commands(args, detector: Path, embedder: Path) -> dict[str, list[str]]:
                      *(["--seconds", "0.5"] if args.quick else [])],
         "detector": ["-m", "bench.bench_detector", "--model", str(detector),
                      *(["--images", "4", "--rounds", "1", "--seconds", "1"] if args.quick else [])],
+        "soak": ["-m", "bench.soak", *shared,   # beside ours: soak.json is `make soak`'s
+                 "--out", str(args.out.with_name(f"{args.out.stem}_soak.json")),
+                 "--png", str(args.png.with_name(f"{args.png.stem}_soak.png")),
+                 *(["--minutes", "2", "--warmup-minutes", "0.5"] if args.quick else [])],
     }
 
 
@@ -132,6 +140,14 @@ def summarize(results: dict) -> dict:
     if "cpu" in e:
         out["embedder"] = {b: v.get("embed_faces_per_s")
                            for b, v in _get(e, "cpu", "batches", default={}).items()}
+    k = results.get("soak", {})
+    if "rss_growth_ok" in k:
+        out["soak"] = {"minutes": k.get("minutes"), "cameras": k.get("cameras"),
+                       "rss_growth_ok": k.get("rss_growth_ok"),
+                       "rss_growth_pct": k.get("rss_growth_pct"),
+                       "stage_restarts_total": k.get("stage_restarts_total"),
+                       "frames_processed_after_warmup": _get(k, "post_warmup", "frames_processed"),
+                       "cpu_shared": _get(k, "cpu", "shared")}
     d = results.get("detector", {})
     if "images_per_s" in d:
         out["detector"] = {"baseline": d.get("baseline"), "ratio_vs_baseline":
@@ -212,8 +228,10 @@ def main() -> int:
     p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override passed to every pipeline benchmark")
-    p.add_argument("--only", nargs="+", choices=SUITE, default=list(SUITE))
-    p.add_argument("--skip", nargs="+", choices=SUITE, default=[])
+    p.add_argument("--only", nargs="+", choices=SUITE + OPT_IN, default=list(SUITE))
+    p.add_argument("--skip", nargs="+", choices=SUITE + OPT_IN, default=[])
+    p.add_argument("--soak", action="store_true",
+                   help="also run the soak (bench.soak: 10 minutes, 2 with --quick)")
     p.add_argument("--out", type=Path, default=RESULTS / "latest.json")
     p.add_argument("--png", type=Path, default=RESULTS / "latest.png")
     p.add_argument("--timeout", type=float, default=3600, help="per benchmark, seconds")
@@ -223,8 +241,9 @@ def main() -> int:
     cmds = commands(args, detector, embedder)
     started = time.monotonic()
     results = {}
-    for name in SUITE:
-        if name in args.only and name not in args.skip:
+    wanted = set(args.only) | ({"soak"} if args.soak else set())
+    for name in SUITE + OPT_IN:
+        if name in wanted and name not in args.skip:
             results[name] = run_one(name, cmds[name], args.timeout)
     errors = {k: v["error"] for k, v in results.items() if "error" in v}
     doc = {"suite": "facewatch benchmarks", "quick": args.quick, "models": str(args.models),

@@ -95,6 +95,52 @@ def test_suite_summary_and_chart_from_results(tmp_path):
     assert not chart({}, tmp_path / "none.png")
 
 
+def soak_samples() -> list[dict]:
+    """Eleven samples a minute apart, warm-up the first two minutes: `detect` grows by 1 MB a
+    minute from 100 MB, `publish` stays at 50 MB, `embed` restarts (new pid) at minute 6."""
+    out = []
+    for m in range(11):
+        procs = {"detect": {"pid": 10, "rss_mb": 100.0 + m, "uss_mb": 80.0 + m, "cpu_s": 30.0 * m},
+                 "publish": {"pid": 11, "rss_mb": 50.0, "uss_mb": 30.0, "cpu_s": 1.0 * m},
+                 "embed": {"pid": 12 if m < 6 else 13, "rss_mb": 60.0 if m < 6 else 45.0 + m / 10,
+                           "uss_mb": 40.0, "cpu_s": 2.0 * m}}
+        out.append({"t_s": 60.0 * m, "warmup": m < 2, "system_busy_s": 100.0 * m,
+                    "processes": procs, "frames_captured": 100 * m, "frames_processed": 90 * m,
+                    "frames_dropped": 10 * m, "faces_embedded": 5 * m,
+                    "events_published": {"recognized": 2 * m}, "stage_restarts": {"embed": m >= 6}})
+    return out
+
+
+def test_soak_growth_slope_restarts_and_verdict(tmp_path):
+    from bench.run_all import summarize
+    from bench.soak import analyse, chart
+
+    out = analyse(soak_samples(), max_growth_pct=5.0)
+    detect = out["processes"]["detect"]["rss_mb"]
+    assert (detect["warmup_end"], detect["end"], detect["max"]) == (102.0, 110.0, 110.0)
+    assert detect["growth_pct"] == pytest.approx(100 * 8 / 102, abs=0.01)
+    assert detect["slope_mb_per_min"] == pytest.approx(1.0)
+    assert detect["post_warmup_samples"] == 9 and not detect["restarted_after_warmup"]
+    assert out["processes"]["publish"]["rss_mb"]["growth_pct"] == 0
+    embed = out["processes"]["embed"]["rss_mb"]   # measured on its last pid only
+    assert embed["restarted_after_warmup"] and embed["pids"] == [12, 13]
+    assert (embed["warmup_end"], embed["end"], embed["post_warmup_samples"]) == (45.6, 46.0, 5)
+    assert not out["rss_growth_ok"] and out["rss_growth_pct_max"] == detect["growth_pct"]
+    assert out["post_warmup"]["frames_processed"] == 720
+    assert out["post_warmup"]["events_published_total"] == 16
+    # 8 min: the machine busy 100 cpu-s a minute, the daemon 30 + 1 (embed's restart left out)
+    assert out["cpu"]["daemon_cores"] == pytest.approx(31 / 60, abs=0.01)
+    assert out["cpu"]["other_cores"] == pytest.approx(69 / 60, abs=0.01) and out["cpu"]["shared"]
+    assert out["stage_restarts_total"] == 1
+    assert analyse(soak_samples(), max_growth_pct=10.0)["rss_growth_ok"]
+    doc = {**out, "samples": soak_samples(), "warmup_minutes": 2.0, "minutes": 10.0,
+           "cameras": 4, "max_growth_pct": 5.0}
+    png = tmp_path / "soak.png"
+    assert chart(doc, png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    s = summarize({"soak": {**doc, "rss_growth_ok": True}})
+    assert s["soak"]["rss_growth_ok"] and s["soak"]["frames_processed_after_warmup"] == 720
+
+
 @pytest.mark.slow
 def test_naive_loop_prints_its_json(models, data_dir):
     """The baseline runs on the real clip with the real models and prints one JSON object."""
