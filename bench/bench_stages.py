@@ -168,7 +168,7 @@ def build_candidates(args, cfg, video: Path, echo: EchoLink) -> tuple[dict, dict
 
     emb = FaceEmbedder(mc.embedder, mc.providers, mc.threads)
     found = daemon_det.detect(frames)
-    crops = np.concatenate([crop_faces(f, d.boxes, emb.input_size, emb.crop_scale)
+    crops = np.concatenate([crop_faces(f, d.boxes, emb.crop_spec, d.landmarks)[0]
                             for f, d in zip(frames, found)])
     if not len(crops):   # no faces found: random crops time the same
         crops = np.random.default_rng(0).integers(0, 256, (32, emb.input_size, emb.input_size, 3),

@@ -38,8 +38,7 @@ class NaiveLoop:
                                      m.detector_imgsz, m.threads)
         self.embedder = FaceEmbedder(m.embedder, m.providers, m.threads)
         info = read_embedder_info(m.embedder)
-        self.crop_size = d.crop_size or info.input_size
-        self.crop_scale = d.crop_scale or info.crop_scale
+        self.crop_spec = info.crop_spec(d.crop_size, d.crop_scale)
         self.threshold = cfg.match.threshold if cfg.match.threshold is not None else info.threshold
         self._tracker_args = tracker_args(d.tracker, d)
         self.gallery = (gallery if gallery is not None else
@@ -62,7 +61,7 @@ class NaiveLoop:
         tracks = self.tracker.update(dets, frame)
         if len(tracks) == 0:
             return tracks, np.zeros(0, bool)
-        emb = self.embedder.embed(crop_faces(frame, tracks.boxes, self.crop_size, self.crop_scale))
+        emb = self.embedder.embed(crop_faces(frame, tracks.boxes, self.crop_spec, tracks.landmarks)[0])
         if len(self.gallery) == 0:
             return tracks, np.zeros(len(tracks), bool)
         return tracks, (emb @ self.gallery.T).max(axis=1) >= self.threshold

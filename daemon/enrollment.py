@@ -1,7 +1,7 @@
 """Enrollment: photos of one person -> checked face crops -> embeddings -> one gallery transaction.
 
 Every photo is checked (readable, sane size, exactly one face, big and sharp enough) before
-anything is written, so a bad photo leaves the gallery untouched. The crop is `crop_face`, the
+anything is written, so a bad photo leaves the gallery untouched. The crop is `crop_faces`, the
 one the daemon and the embedder's training use.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from stages.detections import Detections
-from stages.face_crop import crop_face
+from stages.face_crop import CropSpec, crop_faces
 from stages.gallery import Gallery, check_name
 
 log = logging.getLogger("facewatch.enroll")
@@ -43,7 +43,7 @@ class Detector(Protocol):
 
 class Embedder(Protocol):
     input_size: int
-    crop_scale: float
+    crop_spec: CropSpec
 
     def embed(self, crops: np.ndarray) -> np.ndarray: ...
 
@@ -121,7 +121,8 @@ def face_sample(path: Path, frame: np.ndarray, detections: Detections, embedder:
     if height < MIN_FACE_HEIGHT_PX:
         raise EnrollmentError(f"face too small in {path}: {height:.0f} px tall, at least "
                               f"{MIN_FACE_HEIGHT_PX} px needed; use a closer or larger photo")
-    crop = crop_face(frame, box, size=embedder.input_size, scale=embedder.crop_scale)
+    crop = crop_faces(frame, box[None], embedder.crop_spec,
+                      None if detections.landmarks is None else detections.landmarks[:1])[0][0]
     sharp = sharpness(crop)
     if sharp < MIN_SHARPNESS:
         raise EnrollmentError(f"face too blurry in {path}: sharpness {sharp:.1f}, at least "

@@ -49,8 +49,7 @@ def required_files(cfg: FacewatchConfig) -> list[tuple[str, Path, str]]:
     if "detect" in local:
         out.append(("models.detector", m.detector,
                     "the face detector ONNX model (`facewatch export-detector`)"))
-    if "embed" in local or "match" in local or \
-            ("detect" in local and (d.crop_size is None or d.crop_scale is None)):
+    if local & {"embed", "match", "detect"}:   # detect crops as the embedder was trained
         out.append(("models.embedder", m.embedder,
                     "the face embedder ONNX model (`facewatch export-embedder`)"))
     if "publish" in local and cfg.publish.curve_secret_key_file is not None:

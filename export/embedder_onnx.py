@@ -185,6 +185,7 @@ def build_metadata(model, summary: dict, threshold: float | None) -> dict[str, s
         "normalisation": "input float32 NHWC RGB 0..255; scaling inside the graph; output L2-normalised",
         "channel_order": "RGB",
         "crop_scale": float(summary.get("crop_scale", DEFAULT_CROP_SCALE)),
+        "crop_alignment": str(summary.get("crop_alignment", "box")),
         "flip_average": bool(summary.get("flip_average", True)),
         "threshold": float(threshold),
         "threshold_kind": "cosine similarity; same person when >= threshold",

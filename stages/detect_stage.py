@@ -31,7 +31,7 @@ class DetectStage(Stage):
         self.deadline: float | None = None
         self.gate = QualityGate(self.dcfg.min_face_px, self.dcfg.min_blur)
         self.epoch = int(time.time() * 1000)   # new per process: tells downstream tracks restarted
-        self.crop_size = self.crop_scale = None
+        self.crop_spec = None
         self._tracker_args = None
 
     def input_hwm(self) -> int:
@@ -46,14 +46,12 @@ class DetectStage(Stage):
         self.detector = FaceDetector(m.detector, m.providers, m.detector_conf, m.detector_iou,
                                      m.detector_imgsz, m.threads)
         self.metrics.execution_provider.labels("detect", self.detector.provider).set(1)
-        if self.dcfg.crop_size is None or self.dcfg.crop_scale is None:
-            info = read_embedder_info(m.embedder)   # crop exactly as the embedder was trained
-        self.crop_size = self.dcfg.crop_size or info.input_size
-        self.crop_scale = self.dcfg.crop_scale or info.crop_scale
+        info = read_embedder_info(m.embedder)   # crop exactly as the embedder was trained
+        self.crop_spec = info.crop_spec(self.dcfg.crop_size, self.dcfg.crop_scale)
         self._tracker_args = tracker_args(self.dcfg.tracker, self.dcfg)
-        self.log.info("detector %s on %s (%d px), %s tracking, crops %d px x%.2f",
-                      m.detector, self.detector.provider, self.detector.imgsz, self.dcfg.tracker,
-                      self.crop_size, self.crop_scale)
+        self.log.info("detector %s on %s (%d px), %s tracking, crops %d px, %s alignment",
+                      m.detector, self.detector.provider, self.detector.imgsz,
+                      self.dcfg.tracker, self.crop_spec.size, self.crop_spec.alignment)
 
     def on_lost(self, msg: Message, count: int) -> None:
         self.metrics.frames_dropped.labels(msg.camera, "lost").inc(count)
@@ -98,7 +96,10 @@ class DetectStage(Stage):
         keep = ~self.gate.too_small(tracks.boxes)
         if (~keep).any():
             self.metrics.faces_rejected.labels(cam, "small").inc(int((~keep).sum()))
-        crops = crop_faces(frame.image, tracks.boxes[keep], self.crop_size, self.crop_scale)
+        landmarks = None if tracks.landmarks is None else tracks.landmarks[keep]
+        crops, aligned = crop_faces(frame.image, tracks.boxes[keep], self.crop_spec, landmarks)
+        if self.crop_spec.alignment == "five_point" and not aligned.all():
+            self.metrics.alignment_fallbacks.labels(cam).inc(int((~aligned).sum()))
         blur = sharpness(crops)
         sharp = ~self.gate.too_blurred(blur)
         if (~sharp).any():
@@ -122,7 +123,7 @@ class DetectStage(Stage):
                 camera=camera, frame_index=-1, pts=0.0, wall_ts=time.time(), epoch=self.epoch,
                 track_ids=np.zeros(0, np.int64), boxes=np.zeros((0, 4), np.float32),
                 scores=np.zeros(0, np.float32), blur=np.zeros(0, np.float32),
-                crops=np.zeros((0, self.crop_size, self.crop_size, 3), np.uint8),
+                crops=np.zeros((0, self.crop_spec.size, self.crop_spec.size, 3), np.uint8),
                 ended_tracks=np.asarray(ended, np.int64)))
         return out
 

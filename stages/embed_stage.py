@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.face_crop import DEFAULT_CROP_SCALE
+from stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
 from stages.messages import FaceCrops, FaceEmbeddings, Message
 from stages.onnx_session import ModelError
 from stages.stage import Stage
@@ -26,6 +26,12 @@ class EmbedderInfo:
     input_size: int
     crop_scale: float
     threshold: float
+    # How its training crops were made; models exported before alignment existed say nothing.
+    crop_alignment: str = "box"
+
+    def crop_spec(self, size: int | None = None, scale: float | None = None) -> CropSpec:
+        """The crop this embedder wants, with the config's overrides (None: the model's)."""
+        return CropSpec(size or self.input_size, self.crop_alignment, scale or self.crop_scale)
 
 
 def _decode(value: str):
@@ -59,7 +65,7 @@ def read_embedder_info(path: Path) -> EmbedderInfo:
         dims = model.graph.input[0].type.tensor_type.shape.dim
         size = dims[1].dim_value
     return EmbedderInfo(int(size), float(meta.get("crop_scale", DEFAULT_CROP_SCALE)),
-                        float(meta.get("threshold", 0.5)))
+                        float(meta.get("threshold", 0.5)), str(meta.get("crop_alignment", "box")))
 
 
 @dataclass

@@ -1,40 +1,147 @@
-"""The one face crop: the daemon, enrollment, embedder training and evaluation all call this.
+"""The one face crop: the daemon, enrollment, embedder training and evaluation all call `crop_faces`.
 
-A detector box [x1, y1, x2, y2] (frame pixels) becomes a square, centred crop whose side is
-`scale` times the box's longer side, resized to `size` x `size`. Parts outside the frame are
-filled by replicating the border, so faces at the frame edge keep their position in the crop.
+Two alignments, chosen by the embedder (its ONNX metadata says which one it was trained on):
+
+- `five_point`: a similarity transform (rotation, scale, shift) of the face's five landmarks onto
+  a fixed 112x112 template, so eyes and nose land on the same pixels in every crop whatever the
+  head roll and the box jitter. Faces without landmarks, or with implausible ones, fall back to
+  the template's average position inside the box (same framing, no roll correction); the caller
+  counts them from the returned flags.
+- `box`: a square, centred crop whose side is `scale` times the box's longer side (the first
+  embedder's crop; kept so that model keeps working).
+
+Parts outside the frame are filled by replicating the border, so faces at the frame edge keep
+their position in the crop.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 DEFAULT_CROP_SIZE = 112
 DEFAULT_CROP_SCALE = 1.3
+ALIGNMENTS = ("five_point", "box")
+
+# Landmark order of dlib's 5-point model, which labelled our detector's keypoints: outer and inner
+# corner of the eye on the image's right, the same for the eye on the image's left, nose bottom.
+# Template for a 112 px crop: the mean of ~100 LFW faces' dlib landmarks after a similarity map
+# putting the eye centres at (38.3, 51.6) and (73.7, 51.6) (where the common ArcFace template
+# has them), made left-right symmetric.
+FIVE_POINT_TEMPLATE = np.array([[80.5, 51.6], [67.0, 51.6], [31.5, 51.6], [45.0, 51.6],
+                                [56.0, 81.0]], np.float32)
+TEMPLATE_SIZE = 112
+# The same five points as fractions of our detector's box (x from x1 / width, y from y1 / height),
+# averaged over the same faces: the fallback when a face has no usable landmarks.
+BOX_RELATIVE_LANDMARKS = np.array([[0.79, 0.39], [0.635, 0.395], [0.215, 0.40], [0.375, 0.40],
+                                   [0.52, 0.645]], np.float32)
 
 
-def crop_face(frame: np.ndarray, box, size: int = DEFAULT_CROP_SIZE,
-              scale: float = DEFAULT_CROP_SCALE) -> np.ndarray:
-    """Return a `size` x `size` x 3 uint8 crop of `frame` (same channel order as the frame)."""
+@dataclass(frozen=True)
+class CropSpec:
+    size: int = DEFAULT_CROP_SIZE
+    alignment: str = "five_point"
+    scale: float = DEFAULT_CROP_SCALE  # box alignment only
+
+    def __post_init__(self) -> None:
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(f"crop alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
+        if self.size < 16:
+            raise ValueError(f"crop size must be >= 16, got {self.size}")
+
+
+def _check(frame: np.ndarray, box) -> tuple[float, float, float, float]:
     if frame.ndim != 3 or frame.shape[2] != 3:
         raise ValueError(f"frame must be HxWx3, got shape {frame.shape}")
     x1, y1, x2, y2 = (float(v) for v in box)
     if not (x2 > x1 and y2 > y1):
         raise ValueError(f"box must have x2 > x1 and y2 > y1, got {list(box)}")
-    side = max(x2 - x1, y2 - y1) * scale
-    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
-    k = size / side
-    # Affine map: frame -> crop, so that (cx, cy) lands on the crop centre.
-    matrix = np.array([[k, 0.0, size / 2.0 - k * cx], [0.0, k, size / 2.0 - k * cy]], np.float32)
-    interpolation = cv2.INTER_AREA if k < 1.0 else cv2.INTER_LINEAR
-    return cv2.warpAffine(frame, matrix, (size, size), flags=interpolation,
+    return x1, y1, x2, y2
+
+
+def _warp(frame: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    return cv2.warpAffine(frame, matrix.astype(np.float32), (size, size), flags=interpolation,
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def crop_faces(frame: np.ndarray, boxes: np.ndarray, size: int = DEFAULT_CROP_SIZE,
-               scale: float = DEFAULT_CROP_SCALE) -> np.ndarray:
-    """Crops for every box, as an N x size x size x 3 uint8 array (N may be 0)."""
-    out = np.empty((len(boxes), size, size, 3), np.uint8)
+def crop_face(frame: np.ndarray, box, size: int = DEFAULT_CROP_SIZE,
+              scale: float = DEFAULT_CROP_SCALE) -> np.ndarray:
+    """The `box` alignment: a `size` x `size` x 3 uint8 square crop around the box."""
+    x1, y1, x2, y2 = _check(frame, box)
+    side = max(x2 - x1, y2 - y1) * scale
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    k = size / side
+    matrix = np.array([[k, 0.0, size / 2.0 - k * cx], [0.0, k, size / 2.0 - k * cy]], np.float32)
+    return _warp(frame, matrix, size)
+
+
+def box_landmarks(box) -> np.ndarray:
+    """Where the five landmarks sit on average inside a detector box: (5, 2) frame pixels."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (BOX_RELATIVE_LANDMARKS * [x2 - x1, y2 - y1] + [x1, y1]).astype(np.float32)
+
+
+def landmarks_plausible(points: np.ndarray, box) -> bool:
+    """False for points that cannot be a face in this box: NaN, eyes swapped or too far apart or
+    too close, the nose above the eyes, points well outside the box."""
+    points = np.asarray(points, np.float64)
+    if points.shape != (5, 2) or not np.isfinite(points).all():
+        return False
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w, h = x2 - x1, y2 - y1
+    if w <= 0 or h <= 0:
+        return False
+    margin_x, margin_y = 0.25 * w, 0.25 * h
+    if ((points[:, 0] < x1 - margin_x) | (points[:, 0] > x2 + margin_x) |
+            (points[:, 1] < y1 - margin_y) | (points[:, 1] > y2 + margin_y)).any():
+        return False
+    right_eye, left_eye = points[0:2].mean(axis=0), points[2:4].mean(axis=0)
+    eye_axis = right_eye - left_eye
+    iod = float(np.hypot(*eye_axis))
+    if not 0.15 * w <= iod <= 0.9 * w:
+        return False
+    if eye_axis[0] <= 0 or abs(np.degrees(np.arctan2(eye_axis[1], eye_axis[0]))) > 60:
+        return False
+    # The nose must lie below the eye line (image y grows downwards), by a fair part of the IOD.
+    to_nose = points[4] - (right_eye + left_eye) / 2.0
+    below = (eye_axis[0] * to_nose[1] - eye_axis[1] * to_nose[0]) / iod
+    return bool(below > 0.2 * iod)
+
+
+def align_face(frame: np.ndarray, points: np.ndarray, size: int = DEFAULT_CROP_SIZE) -> np.ndarray:
+    """Similarity transform of five landmarks (frame pixels) onto the template, as a size x size crop."""
+    template = FIVE_POINT_TEMPLATE * (size / TEMPLATE_SIZE)
+    # Least squares over all five points (LMEDS would drop a point; a 5-point fit needs no robust
+    # estimator once implausible sets are rejected).
+    matrix, _ = cv2.estimateAffinePartial2D(np.asarray(points, np.float32), template,
+                                            method=cv2.RANSAC, ransacReprojThreshold=1e6,
+                                            refineIters=20)
+    if matrix is None:
+        raise ValueError(f"no similarity transform for landmarks {np.asarray(points).tolist()}")
+    return _warp(frame, matrix, size)
+
+
+def crop_faces(frame: np.ndarray, boxes: np.ndarray, spec: CropSpec = CropSpec(),
+               landmarks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Crops for every box: (N x size x size x 3 uint8 in the frame's channel order,
+    N bools: True where the face was aligned on its own landmarks).
+
+    `landmarks` is (N, 5, 2) in frame pixels, or None (every face then uses the box fallback).
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    out = np.empty((len(boxes), spec.size, spec.size, 3), np.uint8)
+    aligned = np.zeros(len(boxes), bool)
+    if landmarks is not None and len(landmarks) != len(boxes):
+        raise ValueError(f"{len(landmarks)} landmark sets for {len(boxes)} boxes")
     for i, box in enumerate(boxes):
-        out[i] = crop_face(frame, box, size, scale)
-    return out
+        _check(frame, box)
+        if spec.alignment == "box":
+            out[i] = crop_face(frame, box, spec.size, spec.scale)
+            continue
+        points = landmarks[i] if landmarks is not None else None
+        aligned[i] = points is not None and landmarks_plausible(points, box)
+        out[i] = align_face(frame, points if aligned[i] else box_landmarks(box), spec.size)
+    return out, aligned

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.face_crop import DEFAULT_CROP_SCALE
+from stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
 from stages.gallery import file_model_id
 from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
@@ -33,6 +33,9 @@ class FaceEmbedder:
         self.input_size = int(self.meta.get("input_size", inputs[0].shape[1]))
         self.embedding_size = int(self.meta.get("embedding_size", outputs[0].shape[1]))
         self.crop_scale = float(self.meta.get("crop_scale", DEFAULT_CROP_SCALE))
+        # Models exported before five-point alignment existed were trained on box crops.
+        self.crop_spec = CropSpec(self.input_size, str(self.meta.get("crop_alignment", "box")),
+                                  self.crop_scale)
         self.threshold = float(self.meta.get("threshold", 0.5))
         self.channel_order = str(self.meta.get("channel_order", "RGB"))
         # Averaging the embeddings of a face and its mirror image is cheap accuracy; the metadata
@@ -45,7 +48,8 @@ class FaceEmbedder:
         return self.session.run(None, {self.input_name: batch})[0]
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 BGR crops from `crop_face` -> (N, D) float32 unit vectors."""
+        """(N, S, S, 3) uint8 BGR crops from `crop_faces(.., self.crop_spec, ..)` -> (N, D) float32
+        unit vectors."""
         if crops.ndim != 4 or crops.shape[1:] != (self.input_size, self.input_size, 3):
             raise ValueError(f"crops must be (N, {self.input_size}, {self.input_size}, 3), "
                              f"got {crops.shape}")

@@ -40,6 +40,8 @@ class Metrics:
                                 ["camera"], **kw)
         self.faces_rejected = c("facewatch_faces_rejected", "Tracked faces failing the quality "
                                 "gate", ["camera", "reason"], **kw)
+        self.alignment_fallbacks = c("facewatch_alignment_fallbacks", "Faces cropped from their box "
+                                     "because landmarks were missing or implausible", ["camera"], **kw)
         self.faces_embedded = c("facewatch_faces_embedded", "Face crops embedded", ["camera"], **kw)
         self.recognitions = c("facewatch_recognitions", "Track decisions by result",
                               ["camera", "result"], **kw)

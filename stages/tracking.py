@@ -64,6 +64,7 @@ class Tracks:
     boxes: np.ndarray       # (K, 4) float32
     scores: np.ndarray      # (K,) float32
     ended: list[int]        # tracks that ended at this frame
+    landmarks: np.ndarray | None = None  # (K, 5, 2) float32, the detector's, when it has them
 
     def __len__(self) -> int:
         return len(self.track_ids)
@@ -107,8 +108,9 @@ class CameraTracker:
         alive = {int(t.track_id) for t in self.tracker.tracked_stracks + self.tracker.lost_stracks}
         ended = sorted(self.active - alive)
         self.active = (self.active - set(ended)) | {int(i) for i in ids}
+        landmarks = None if detections.landmarks is None else detections.landmarks[idx]
         return Tracks(ids, detections.boxes[idx].astype(np.float32),
-                      detections.scores[idx].astype(np.float32), ended)
+                      detections.scores[idx].astype(np.float32), ended, landmarks)
 
     def end_all(self) -> list[int]:
         """The stream ended: every active track ends; the tracker starts afresh."""

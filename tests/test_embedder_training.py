@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from training.embedder_losses import ArcMarginHead, contrastive_loss, triplet_loss
+from training.embedder_losses import (ArcMarginHead, contrastive_loss, distillation_loss,
+                                     triplet_loss)
 from training.lfw import SPLIT_FILE, VAL_PAIRS_FILE, default_images_dir, read_pairs
 
 LFW = default_images_dir()
@@ -72,6 +73,17 @@ def test_arcface_adds_the_margin_to_the_true_class_only():
 
 
 @needs_lfw
+def test_distillation_loss_matches_numpy_and_is_zero_on_the_teacher():
+    rng = np.random.default_rng(1)
+    s, t = unit(rng, 6, 8), unit(rng, 6, 8)
+    direct = np.mean(1 - np.sum(s * t, axis=1))
+    off = ~np.eye(6, dtype=bool)
+    relation = np.mean(((s @ s.T) - (t @ t.T))[off] ** 2)
+    got = float(np.asarray(distillation_loss(s, t, 2.0, 3.0)))
+    assert got == pytest.approx(2.0 * direct + 3.0 * relation, rel=1e-5)
+    assert float(np.asarray(distillation_loss(t, t, 2.0, 3.0))) == pytest.approx(0.0, abs=1e-5)
+
+
 def test_recorded_split_is_people_disjoint_and_reproducible():
     from training.lfw import build_split, list_people
 
@@ -134,3 +146,17 @@ def test_resume_continues_from_the_checkpoint(runs):
     assert state["epoch"] == 2 and state["step"] == 4
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert json.loads((run_dir / "summary.json").read_text())["loss"] == "arcface"
+
+
+@needs_lfw
+def test_aligned_run_with_the_dlib_teacher(runs):
+    """Five-point crops on dlib landmarks and the distillation term, through a real short run."""
+    pytest.importorskip("dlib", reason="the teacher extra (dlib-bin) is not installed")
+    run_dir = train("--loss", "arcface", "--out", "run-teacher", "--embedding-size", "128",
+                    "--alignment", "five_point", "--landmarks", "dlib", "--teacher", "dlib")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["crop_alignment"] == "five_point"
+    assert summary["data"]["teacher"] == "dlib_face_recognition_resnet_model_v1"
+    # Most LFW faces get plausible dlib landmarks; a few fall back to the box.
+    assert summary["data"]["aligned_on_landmarks"] >= 0.9 * (summary["data"]["train_images"])
+    assert np.isfinite(summary["history"][0]["loss"])

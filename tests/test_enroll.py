@@ -15,7 +15,8 @@ import pytest
 from daemon.enrollment import (MAX_IMAGE_PIXELS, MIN_SHARPNESS, EnrollmentError, enroll_images,
                                face_sample, load_image, prepare, sharpness)
 from stages.detections import Detections
-from stages.face_crop import DEFAULT_CROP_SCALE, DEFAULT_CROP_SIZE
+from stages.face_crop import DEFAULT_CROP_SIZE
+from stages.face_crop import CropSpec as FaceCropSpec
 from stages.gallery import Gallery, file_model_id
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def write(path: Path, data: bytes) -> Path:
 class CropSpec:
     """What face_sample needs from an embedder: the crop geometry (the default crop)."""
     input_size = DEFAULT_CROP_SIZE
-    crop_scale = DEFAULT_CROP_SCALE
+    crop_spec = FaceCropSpec()
 
 
 # --- photo checks (no model needed) ---------------------------------------------------------

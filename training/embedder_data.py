@@ -2,8 +2,11 @@
 
 Each LFW image gets one face box: the detector's (largest detection containing the image centre,
 since LFW images are centred on their person) or, without a detector or a detection, a fixed
-centre box. The crop is always `stages.face_crop.crop_face`. All crops are computed once into
-`runs/embedder_cache/<key>/crops.npy`, keyed by the detector file's hash and the crop settings.
+centre box. Landmarks come from the detector when it predicts them, or from dlib's 5-point model
+(the teacher cache; `--landmarks dlib`), which labelled the detector's keypoints. The crop is
+always `stages.face_crop.crop_faces`. All crops are computed once into
+`runs/embedder_cache/<key>/crops.npy`, keyed by the detector file's hash, the landmark source and
+the crop settings.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import cv2
 import keras
 import numpy as np
 
-from stages.face_crop import DEFAULT_CROP_SCALE, DEFAULT_CROP_SIZE, crop_face
+from stages.face_crop import CropSpec, crop_faces
 from training.lfw import image_path
 from training.paths import REPO_ROOT, runs_dir
 
@@ -83,16 +86,22 @@ class FaceBoxer:
         return f"{Path(self.detector_path).name} at imgsz {self.detector.imgsz}, centre-box fallback"
 
     def boxes(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        return [box for box, _ in self.faces(frames)]
+
+    def faces(self, frames: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(box, landmarks (5, 2) or None) of each image's face."""
         if self.detector is None:
             self.fallbacks += len(frames)
-            return [centre_box(f.shape) for f in frames]
+            return [(centre_box(f.shape), None) for f in frames]
         out = []
         for frame, det in zip(frames, self.detector.detect(frames)):
             box = choose_face_box(det.boxes, frame.shape)
             if box is None:
                 self.fallbacks += 1
-                box = centre_box(frame.shape)
-            out.append(box)
+                out.append((centre_box(frame.shape), None))
+                continue
+            row = int(np.flatnonzero((det.boxes == box).all(axis=1))[0])
+            out.append((box, None if det.landmarks is None else det.landmarks[row]))
         return out
 
 
@@ -103,15 +112,21 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
-def crop_images(paths: list[Path], boxer: FaceBoxer, size: int = DEFAULT_CROP_SIZE,
-                scale: float = DEFAULT_CROP_SCALE, batch: int = 16) -> np.ndarray:
-    """(N, size, size, 3) uint8 BGR crops, one face per image."""
-    out = np.empty((len(paths), size, size, 3), np.uint8)
+def crop_images(paths: list[Path], boxer: FaceBoxer, spec: CropSpec,
+                faces: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
+                batch: int = 16) -> tuple[np.ndarray, int]:
+    """(N, size, size, 3) uint8 BGR crops, one face per image, and how many were aligned on
+    their own landmarks. `faces` gives (box, landmarks) per image instead of the boxer's."""
+    out = np.empty((len(paths), spec.size, spec.size, 3), np.uint8)
+    aligned = 0
     for start in range(0, len(paths), batch):
         frames = [read_image(p) for p in paths[start:start + batch]]
-        for i, (frame, box) in enumerate(zip(frames, boxer.boxes(frames))):
-            out[start + i] = crop_face(frame, box, size, scale)
-    return out
+        found = faces[start:start + batch] if faces is not None else boxer.faces(frames)
+        for i, (frame, (box, points)) in enumerate(zip(frames, found)):
+            crop, ok = crop_faces(frame, box[None], spec, None if points is None else points[None])
+            out[start + i] = crop[0]
+            aligned += int(ok[0])
+    return out, aligned
 
 
 @dataclass
@@ -120,40 +135,54 @@ class CropCache:
     index: dict[tuple[str, int], int]    # (name, image number) -> row
     fallbacks: int
     boxes_from: str
+    aligned: int = 0    # crops aligned on their own landmarks (the rest used the box fallback)
 
 
 def load_crop_cache(images_dir: Path, people: dict[str, list[int]], detector: Path | None,
-                    crop_scale: float = DEFAULT_CROP_SCALE, size: int = DEFAULT_CROP_SIZE,
-                    detector_imgsz: int | None = DETECTOR_IMGSZ,
-                    cache_root: Path | None = None) -> CropCache:
-    """Crops of every listed image, computed once and reused while the inputs stay the same."""
+                    spec: CropSpec = CropSpec(), detector_imgsz: int | None = DETECTOR_IMGSZ,
+                    teacher=None, cache_root: Path | None = None) -> CropCache:
+    """Crops of every listed image, computed once and reused while the inputs stay the same.
+
+    `teacher` (a `training.teacher_cache.TeacherCache` built with the same detector) supplies
+    dlib's boxes and landmarks; without it the detector's own landmarks are used, if any.
+    """
     has_detector = detector is not None and Path(detector).is_file()
     keys = sorted((name, i) for name, idx in people.items() for i in idx)
+    landmarks_from = "dlib 5-point" if teacher is not None else "detector"
     key = hashlib.sha1(json.dumps({
         "detector": file_sha1(Path(detector)) if has_detector else "centre-box",
-        "imgsz": detector_imgsz if has_detector else None, "scale": crop_scale, "size": size,
+        "imgsz": detector_imgsz if has_detector else None, "scale": spec.scale, "size": spec.size,
+        "alignment": spec.alignment, "landmarks": landmarks_from,
         "images": str(Path(images_dir).resolve()), "keys": keys}).encode()).hexdigest()[:16]
     folder = (cache_root or runs_dir() / "embedder_cache") / key
+    index = {k: i for i, k in enumerate(keys)}
     if (folder / "crops.npy").is_file() and (folder / "meta.json").is_file():
         meta = json.loads((folder / "meta.json").read_text())
         crops = np.load(folder / "crops.npy", mmap_mode=None)
         log.info("crop cache %s: %d crops (%d centre-box fallbacks)", folder, len(crops),
                  meta["fallbacks"])
-        return CropCache(crops, {k: i for i, k in enumerate(keys)}, meta["fallbacks"], meta["boxes_from"])
+        return CropCache(crops, index, meta["fallbacks"], meta["boxes_from"], meta.get("aligned", 0))
     boxer = FaceBoxer(Path(detector) if has_detector else None, detector_imgsz)
+    faces = None
+    if teacher is not None:
+        rows = [teacher.index[k] for k in keys]
+        faces = [(teacher.boxes[r], teacher.landmarks[r]) for r in rows]
     log.info("cropping %d images with %s (once; cached in %s)", len(keys), boxer.description, folder)
     start = time.monotonic()
-    crops = crop_images([image_path(images_dir, n, i) for n, i in keys], boxer, size, crop_scale)
+    crops, aligned = crop_images([image_path(images_dir, n, i) for n, i in keys], boxer, spec, faces)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "crops.tmp.npy"
     np.save(tmp, crops)
     tmp.rename(folder / "crops.npy")
-    meta = {"fallbacks": boxer.fallbacks, "boxes_from": boxer.description, "count": len(keys),
-            "crop_scale": crop_scale, "size": size, "seconds": round(time.monotonic() - start, 1)}
+    description = boxer.description + (f", {spec.alignment} alignment on {landmarks_from} landmarks"
+                                       if spec.alignment == "five_point" else ", box crops")
+    meta = {"fallbacks": boxer.fallbacks, "boxes_from": description, "count": len(keys),
+            "aligned": aligned, "crop_scale": spec.scale, "size": spec.size,
+            "alignment": spec.alignment, "seconds": round(time.monotonic() - start, 1)}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    print(f"face crops: {len(keys)} images, boxes from {boxer.description}; "
-          f"{boxer.fallbacks} used the centre-box fallback", flush=True)
-    return CropCache(crops, {k: i for i, k in enumerate(keys)}, boxer.fallbacks, boxer.description)
+    print(f"face crops: {len(keys)} images, boxes from {description}; {boxer.fallbacks} used the "
+          f"centre-box fallback, {aligned} aligned on their landmarks", flush=True)
+    return CropCache(crops, index, boxer.fallbacks, description, aligned)
 
 
 # ---------------------------------------------------------------------------- augmentation
@@ -197,13 +226,20 @@ def augment_batch(crops_bgr: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------- batches
+def with_teacher(labels: np.ndarray, teacher: np.ndarray | None, rows: np.ndarray):
+    """The batch's targets: identity labels, plus the teacher's embeddings when distilling.
+    (A mirrored crop keeps its teacher vector: dlib's embedding barely moves under a flip.)"""
+    labels = labels.astype(np.int32)
+    return labels if teacher is None else (labels, teacher[rows].astype(np.float32))
+
 class ShuffledBatches(keras.utils.PyDataset):
     """All training images in a fresh random order each epoch (ArcFace)."""
 
     def __init__(self, crops: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
-                 augment: bool = True, **kwargs):
+                 augment: bool = True, teacher: np.ndarray | None = None, **kwargs):
         super().__init__(**kwargs)
         self.crops, self.labels, self.batch_size, self.augment = crops, labels, batch_size, augment
+        self.teacher = teacher
         self.rng = np.random.default_rng(seed)
         self.order = self.rng.permutation(len(labels))
 
@@ -215,7 +251,7 @@ class ShuffledBatches(keras.utils.PyDataset):
         crops = self.crops[rows]
         rng = np.random.default_rng((int(self.rng.integers(1 << 31)), index))
         x = augment_batch(crops, rng) if self.augment else to_model_input(crops)
-        return x, self.labels[rows].astype(np.int32)
+        return x, with_teacher(self.labels[rows], self.teacher, rows)
 
     def on_epoch_end(self) -> None:
         self.order = self.rng.permutation(len(self.labels))
@@ -228,8 +264,10 @@ class IdentityBatches(keras.utils.PyDataset):
     """
 
     def __init__(self, crops: np.ndarray, labels: np.ndarray, batch_size: int,
-                 per_identity: int = 4, seed: int = 0, augment: bool = True, **kwargs):
+                 per_identity: int = 4, seed: int = 0, augment: bool = True,
+                 teacher: np.ndarray | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.teacher = teacher
         if batch_size % per_identity:
             raise ValueError(f"batch size {batch_size} must be a multiple of images per identity "
                              f"{per_identity}")
@@ -258,5 +296,5 @@ class IdentityBatches(keras.utils.PyDataset):
                                for g in chosen])
         crops = self.crops[rows]
         x = augment_batch(crops, rng) if self.augment else to_model_input(crops)
-        return x, self.labels[rows].astype(np.int32)
+        return x, with_teacher(self.labels[rows], self.teacher, rows)
 

@@ -106,3 +106,21 @@ def contrastive_loss(embeddings, labels, margin: float = 1.0):
     pos = ops.sum(positive * ops.square(dist)) / ops.maximum(ops.sum(positive), 1.0)
     neg = ops.sum(negative * ops.square(ops.relu(margin - dist))) / ops.maximum(ops.sum(negative), 1.0)
     return 0.5 * (pos + neg)
+
+
+def distillation_loss(student, teacher, embedding_weight: float = 1.0, relation_weight: float = 1.0):
+    """How far the student's unit embeddings are from the teacher's (both (B, D), same D).
+
+    Two terms: 1 - cosine between each face's student and teacher vector (the student learns the
+    teacher's space itself, so it inherits what 3 M faces taught dlib), and the mean squared
+    difference of the batch's pairwise cosine similarities (the geometry between faces, which
+    still teaches when the first term cannot be met exactly).
+    """
+    teacher = ops.convert_to_tensor(teacher, "float32")
+    direct = ops.mean(1.0 - ops.sum(student * teacher, axis=1))
+    s_rel = ops.matmul(student, ops.transpose(student))
+    t_rel = ops.matmul(teacher, ops.transpose(teacher))
+    n = ops.cast(ops.shape(student)[0], "float32")
+    off_diagonal = 1.0 - ops.eye(ops.shape(student)[0], dtype="float32")
+    relation = ops.sum(off_diagonal * ops.square(s_rel - t_rel)) / ops.maximum(n * (n - 1.0), 1.0)
+    return embedding_weight * direct + relation_weight * relation

@@ -16,6 +16,7 @@ import keras
 from keras import layers, ops
 
 from training.embedder_losses import (LOSSES, ArcMarginHead, arcface_loss, contrastive_loss,
+                                      distillation_loss,
                                       triplet_loss)
 
 INPUT_SIZE = 112
@@ -198,8 +199,12 @@ class EmbedderTrainer(keras.Model):
 
     def __init__(self, embedder: keras.Model, loss: str = "arcface", num_classes: int = 0,
                  arc_scale: float = 32.0, arc_margin: float = 0.4, triplet_margin: float = 0.3,
-                 mining: str = "semi-hard", contrastive_margin: float = 1.0, **kwargs):
+                 mining: str = "semi-hard", contrastive_margin: float = 1.0,
+                 distill_weight: float = 0.0, relation_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        # With a teacher, targets are (labels, teacher embeddings) and the loss adds
+        # distillation_loss; without, targets are the labels alone.
+        self.distill_weight, self.relation_weight = distill_weight, relation_weight
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.embedder = embedder
@@ -216,12 +221,21 @@ class EmbedderTrainer(keras.Model):
         return self.embedder(images, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        teacher = None
+        if isinstance(y, (tuple, list)):
+            y, teacher = y
+        loss = self._identity_loss(y, y_pred)
+        if teacher is not None:
+            loss = loss + distillation_loss(y_pred, teacher, self.distill_weight, self.relation_weight)
+        if self.losses:
+            loss = loss + ops.sum(ops.stack([ops.sum(l) for l in self.losses]))
+        return loss
+
+    def _identity_loss(self, y, y_pred):
         if self.loss_name == "arcface":
             loss = arcface_loss(self.head(y_pred, y), y)
         elif self.loss_name == "triplet":
             loss = triplet_loss(y_pred, y, self.triplet_margin, self.mining)
         else:
             loss = contrastive_loss(y_pred, y, self.contrastive_margin)
-        if self.losses:
-            loss = loss + ops.sum(ops.stack([ops.sum(l) for l in self.losses]))
         return loss

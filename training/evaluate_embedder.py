@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.face_crop import DEFAULT_CROP_SCALE
+from stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
 from training.embedder_data import DEFAULT_DETECTOR, DETECTOR_IMGSZ, FaceBoxer, crop_images
 from training.lfw import Pair, image_path, read_pairs
 from training.verification_metrics import save_roc_png, verification_report
@@ -34,7 +34,7 @@ log = logging.getLogger("facewatch.evaluate_embedder")
 class KerasEmbedder:
     """A `.keras` embedding network behind FaceEmbedder's interface (BGR crops in, unit vectors out)."""
 
-    def __init__(self, model, crop_scale: float = DEFAULT_CROP_SCALE, flip_average: bool = True,
+    def __init__(self, model, crop_spec: CropSpec | None = None, flip_average: bool = True,
                  batch_size: int = 128):
         if isinstance(model, (str, Path)):
             import keras
@@ -47,7 +47,8 @@ class KerasEmbedder:
             model = keras.models.load_model(path, compile=False)
         self.model = model
         self.input_size = int(model.input_shape[1])
-        self.crop_scale = crop_scale
+        self.crop_spec = crop_spec or CropSpec(self.input_size)
+        self.crop_scale = self.crop_spec.scale
         self.flip_average = flip_average
         self.batch_size = batch_size
 
@@ -86,13 +87,14 @@ def evaluate_pairs(embedder, pairs: list[Pair], folds: list[int], images_dir: Pa
     if missing:
         raise FileNotFoundError(f"{len(missing)} pair images are missing, e.g. {missing[0]}")
     start = time.monotonic()
-    crops = crop_images([image_path(images_dir, n, i) for n, i in keys], boxer,
-                        embedder.input_size, embedder.crop_scale)
+    crops, aligned = crop_images([image_path(images_dir, n, i) for n, i in keys], boxer,
+                                 embedder.crop_spec)
     embeddings = embed_images(embedder, keys, crops)
     scores = pair_scores(pairs, embeddings)
     labels = np.array([p.same for p in pairs])
     report = verification_report(scores, labels, folds)
     report.update(images=len(keys), centre_box_fallbacks=boxer.fallbacks, boxes_from=boxer.description,
+                  crop_alignment=embedder.crop_spec.alignment, aligned_on_landmarks=aligned,
                   seconds=round(time.monotonic() - start, 1))
     if roc_png is not None:
         save_roc_png(scores, labels, roc_png, title=f"ROC ({len(pairs)} pairs)")
@@ -104,11 +106,11 @@ def load_embedder(path: Path, flip_average: bool | None = None):
     path = Path(path)
     if path.suffix == ".keras":
         summary = path.parent / "summary.json"
-        scale = DEFAULT_CROP_SCALE
-        if summary.is_file():
-            scale = float(json.loads(summary.read_text()).get("crop_scale", scale))
-        return KerasEmbedder(path, crop_scale=scale,
-                             flip_average=True if flip_average is None else flip_average)
+        info = json.loads(summary.read_text()) if summary.is_file() else {}
+        embedder = KerasEmbedder(path, flip_average=True if flip_average is None else flip_average)
+        embedder.crop_spec = CropSpec(embedder.input_size, info.get("crop_alignment", "box"),
+                                      float(info.get("crop_scale", DEFAULT_CROP_SCALE)))
+        return embedder
     from stages.face_embedder import FaceEmbedder
 
     return FaceEmbedder(path, providers=("CPUExecutionProvider",), flip_average=flip_average)
@@ -156,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     boxer = FaceBoxer(detector, args.detector_imgsz)
     report = evaluate_pairs(embedder, pairs, folds, images, boxer, args.roc_png)
     print(f"pairs: {report['pairs']} ({len(set(folds))} folds), images: {report['images']}, "
-          f"boxes: {report['boxes_from']}, centre-box fallbacks: {report['centre_box_fallbacks']}")
+          f"boxes: {report['boxes_from']}, centre-box fallbacks: {report['centre_box_fallbacks']}, "
+          f"{report['crop_alignment']} crops, {report['aligned_on_landmarks']} aligned on landmarks")
     print(f"10-fold accuracy: {report['accuracy']:.4f} +- {report['accuracy_std']:.4f}")
     print(f"ROC AUC: {report['auc']:.4f}   TAR@FAR=1e-3: {report['tar_at_far_1e-3']:.4f}")
     print(f"best threshold (cosine similarity, all pairs): {report['threshold']:.4f} "

@@ -25,11 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.face_crop import DEFAULT_CROP_SCALE
+from stages.face_crop import ALIGNMENTS, DEFAULT_CROP_SCALE, CropSpec
 from training.embedder_data import (DEFAULT_DETECTOR, DETECTOR_IMGSZ, IdentityBatches,
                                     ShuffledBatches, load_crop_cache)
 from training.embedder_losses import LOSSES, MININGS
 from training.embedder_model import BACKBONES
+from training.dlib_teacher import TEACHER_DIM
 from training.lfw import VAL_PAIRS_FILE, default_images_dir, list_people, load_split, read_pairs
 from training.paths import runs_dir
 
@@ -38,7 +39,8 @@ log = logging.getLogger("facewatch.train_embedder")
 # What defines the network and its loss: on --resume these come from the run, not the command.
 ARCHITECTURE_ARGS = ("backbone", "loss", "mining", "embedding_size", "arc_scale", "arc_margin",
                      "triplet_margin", "contrastive_margin", "per_identity", "crop_scale",
-                     "detector", "detector_imgsz", "max_people", "dropout", "drop_path")
+                     "detector", "detector_imgsz", "max_people", "dropout", "drop_path",
+                     "alignment", "landmarks", "teacher", "distill_weight", "relation_weight")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--triplet-margin", type=float, default=0.3)
     a("--contrastive-margin", type=float, default=1.0)
     a("--per-identity", type=int, default=4, help="images per identity in triplet/contrastive batches")
-    a("--crop-scale", type=float, default=DEFAULT_CROP_SCALE, help="crop_face scale")
+    a("--crop-scale", type=float, default=DEFAULT_CROP_SCALE, help="box crop scale")
+    a("--alignment", choices=ALIGNMENTS, default="five_point",
+      help="five_point: similarity transform of five landmarks onto the template; box: box crop")
+    a("--landmarks", choices=("dlib", "detector"), default="dlib",
+      help="landmarks of the training faces: dlib's 5-point model (the teacher extra) or the "
+           "detector's own keypoints")
+    a("--teacher", choices=("none", "dlib"), default="none",
+      help="distil dlib's ResNet face embeddings into the student (the teacher extra)")
+    a("--distill-weight", type=float, default=10.0,
+      help="weight of 1 - cos(student, teacher) in the loss")
+    a("--relation-weight", type=float, default=10.0,
+      help="weight of the pairwise-similarity matching term in the loss")
     a("--detector", type=Path, default=DEFAULT_DETECTOR,
       help="face detector ONNX for the crop boxes (centre box when the file does not exist)")
     a("--detector-imgsz", type=int, default=DETECTOR_IMGSZ)
@@ -127,12 +140,27 @@ def _prepare_data(args) -> dict:
         wanted.setdefault(name, [])
         if index not in wanted[name]:
             wanted[name] = sorted(wanted[name] + [index])
-    cache = load_crop_cache(images, wanted, args.detector, args.crop_scale,
-                            detector_imgsz=args.detector_imgsz)
+    if args.teacher == "dlib" and args.embedding_size != TEACHER_DIM:
+        raise ValueError(f"--teacher dlib distils {TEACHER_DIM}-D embeddings: use --embedding-size "
+                         f"{TEACHER_DIM}, not {args.embedding_size}")
+    teacher = None
+    if args.teacher == "dlib" or (args.alignment == "five_point" and args.landmarks == "dlib"):
+        from training.teacher_cache import load_teacher_cache
+
+        teacher = load_teacher_cache(images, wanted, args.detector)
+    spec = CropSpec(alignment=args.alignment, scale=args.crop_scale)
+    cache = load_crop_cache(images, wanted, args.detector, spec, detector_imgsz=args.detector_imgsz,
+                            teacher=teacher if args.landmarks == "dlib" else None)
     label_of = {n: i for i, n in enumerate(train_names)}
     rows = [(cache.index[(n, i)], label_of[n]) for n in train_names for i in people[n]]
     train_rows = np.array([r for r, _ in rows])
+    teacher_vectors = None
+    if args.teacher == "dlib":
+        teacher_vectors = teacher.embeddings[[teacher.index[(n, i)] for n in train_names
+                                              for i in people[n]]]
     return {
+        "teacher": teacher_vectors,
+        "crop_spec": spec,
         "images": images,
         "train_crops": cache.crops[train_rows],
         "train_labels": np.array([lab for _, lab in rows], np.int32),
@@ -144,13 +172,15 @@ def _prepare_data(args) -> dict:
         "split": {"train_people": len(train_names), "train_images": len(rows),
                   "val_people": len({k[0] for k in val_keys}), "val_images": len(val_keys),
                   "val_pairs": len(pairs), "split_file": "training/splits/lfw_split.json",
-                  "boxes_from": cache.boxes_from, "centre_box_fallbacks": cache.fallbacks},
+                  "boxes_from": cache.boxes_from, "centre_box_fallbacks": cache.fallbacks,
+                  "aligned_on_landmarks": cache.aligned,
+                  "teacher": "dlib_face_recognition_resnet_model_v1" if args.teacher == "dlib" else None},
     }
 
 
 def _batches(args, data):
     common = dict(batch_size=args.batch, seed=args.seed, workers=args.workers,
-                  use_multiprocessing=False)
+                  use_multiprocessing=False, teacher=data["teacher"])
     if args.loss == "arcface":
         return ShuffledBatches(data["train_crops"], data["train_labels"], **common)
     return IdentityBatches(data["train_crops"], data["train_labels"],
@@ -167,7 +197,8 @@ def _build(args, num_classes: int):
     embedder = build_embedder(args.backbone, args.embedding_size, args.dropout, args.weights,
                               args.drop_path)
     trainer = EmbedderTrainer(embedder, args.loss, num_classes, args.arc_scale, args.arc_margin,
-                              args.triplet_margin, args.mining, args.contrastive_margin)
+                              args.triplet_margin, args.mining, args.contrastive_margin,
+                              args.distill_weight, args.relation_weight)
     optimizer = keras.optimizers.AdamW(learning_rate=args.lr, weight_decay=args.weight_decay,
                                        clipnorm=5.0)
     # No decay on norms, biases and layer scales (standard for ConvNeXt), nor on ArcFace
@@ -245,11 +276,11 @@ def _save_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _validate(embedder_model, data, crop_scale: float) -> dict:
+def _validate(embedder_model, data) -> dict:
     from training.evaluate_embedder import KerasEmbedder, embed_images, pair_scores
     from training.verification_metrics import verification_report
 
-    embedder = KerasEmbedder(embedder_model, crop_scale=crop_scale, flip_average=True)
+    embedder = KerasEmbedder(embedder_model, crop_spec=data["crop_spec"], flip_average=True)
     embeddings = embed_images(embedder, data["val_keys"], data["val_crops"])
     scores = pair_scores(data["pairs"], embeddings)
     labels = np.array([p.same for p in data["pairs"]])
@@ -300,7 +331,7 @@ def train(args: argparse.Namespace) -> Path:
         record = {"epoch": state["epoch"], "loss": float(fit.history["loss"][-1]),
                   "lr": float(state.get("lr", args.lr)), "train_s": round(time.monotonic() - t0, 1)}
         if state["epoch"] % args.eval_every == 0 or last:
-            metrics = _validate(trainer.embedder, data, args.crop_scale)
+            metrics = _validate(trainer.embedder, data)
             record.update(val_accuracy=metrics["accuracy"], val_auc=metrics["auc"],
                           val_tar_at_far_1e3=metrics["tar_at_far_1e-3"],
                           val_threshold=metrics["threshold"])
@@ -348,8 +379,9 @@ def _write_summary(args, state: dict, data: dict, run_dir: Path, trainer) -> Non
         "channel_order": "RGB",
         "normalisation": "float32 RGB 0..255 in; rescaling inside the graph",
         "crop_scale": args.crop_scale,
+        "crop_alignment": args.alignment,
         "flip_average": True,
-        "loss": args.loss,
+        "loss": args.loss + (" + dlib distillation" if args.teacher == "dlib" else ""),
         "threshold": best.get("threshold"),
         "threshold_kind": "cosine similarity; same person when >= threshold",
         "best_epoch": state["best_epoch"],

@@ -1,0 +1,139 @@
+"""Landmarks and dlib teacher embeddings for every LFW face we train or validate on, computed once.
+
+    facewatch teacher-cache [--images DIR] [--detector models/face_detector.onnx] [--workers 2]
+
+The face box of each image is the one the crop cache uses (`embedder_data.FaceBoxer`: our
+detector, centre-box fallback), so landmarks, aligned crops and teacher vectors all describe the
+same face. dlib's ResNet costs about 0.1 s a face on one core here, hence the cache and the
+process pool. Written to `runs/teacher_cache/lfw-<key>/` (`keys.json`, `boxes.npy`,
+`landmarks.npy` (N, 5, 2), `embeddings.npy` (N, 128) unit vectors), keyed by detector and images.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.paths import runs_dir
+
+log = logging.getLogger("facewatch.teacher_cache")
+
+
+@dataclass
+class TeacherCache:
+    index: dict[tuple[str, int], int]   # (name, image number) -> row
+    boxes: np.ndarray                   # (N, 4) float32
+    landmarks: np.ndarray               # (N, 5, 2) float32, dlib's order
+    embeddings: np.ndarray              # (N, 128) float32 unit vectors
+
+
+def _cache_folder(images_dir: Path, keys: list, detector: Path | None) -> Path:
+    from training.embedder_data import DETECTOR_IMGSZ, file_sha1
+
+    has_detector = detector is not None and Path(detector).is_file()
+    key = hashlib.sha1(json.dumps({
+        "detector": file_sha1(Path(detector)) if has_detector else "centre-box",
+        "imgsz": DETECTOR_IMGSZ, "images": str(Path(images_dir).resolve()),
+        "keys": keys}).encode()).hexdigest()[:16]
+    return runs_dir() / "teacher_cache" / f"lfw-{key}"
+
+
+def _describe_chunk(job) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    images_dir, keys, detector = job
+    from training.dlib_teacher import DlibTeacher
+    from training.embedder_data import FaceBoxer, read_image
+    from training.lfw import image_path
+
+    boxer = FaceBoxer(Path(detector) if detector else None)
+    teacher = DlibTeacher()
+    frames = [read_image(image_path(Path(images_dir), n, i)) for n, i in keys]
+    boxes = np.array(boxer.boxes(frames), np.float32)
+    points, vectors = [], []
+    for frame, box in zip(frames, boxes):
+        p, v = teacher.describe(frame[..., ::-1], box[None])
+        points.append(p[0])
+        vectors.append(v[0])
+    return boxes, np.array(points, np.float32), np.array(vectors, np.float32), boxer.fallbacks
+
+
+def load_teacher_cache(images_dir: Path, people: dict[str, list[int]], detector: Path | None,
+                       workers: int = 2, chunk: int = 64) -> TeacherCache:
+    keys = sorted((name, i) for name, idx in people.items() for i in idx)
+    folder = _cache_folder(images_dir, keys, detector)
+    index = {k: i for i, k in enumerate(keys)}
+    if (folder / "embeddings.npy").is_file():
+        return TeacherCache(index, np.load(folder / "boxes.npy"), np.load(folder / "landmarks.npy"),
+                            np.load(folder / "embeddings.npy"))
+    has_detector = detector is not None and Path(detector).is_file()
+    jobs = [(str(images_dir), keys[s:s + chunk], str(detector) if has_detector else None)
+            for s in range(0, len(keys), chunk)]
+    print(f"teacher cache: {len(keys)} faces through dlib in {len(jobs)} chunks, {workers} workers "
+          f"(once; cached in {folder})", flush=True)
+    start, parts, fallbacks = time.monotonic(), [], 0
+    with ProcessPoolExecutor(workers) as pool:
+        for n, part in enumerate(pool.map(_describe_chunk, jobs), 1):
+            parts.append(part)
+            fallbacks += part[3]
+            if n % 20 == 0 or n == len(jobs):
+                print(f"  {n}/{len(jobs)} chunks, {time.monotonic() - start:.0f} s", flush=True)
+    boxes, landmarks, embeddings = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in (("boxes", boxes), ("landmarks", landmarks), ("embeddings", embeddings)):
+        np.save(folder / f"{name}.tmp.npy", array)
+    (folder / "keys.json").write_text(json.dumps({"keys": keys, "centre_box_fallbacks": fallbacks,
+                                                  "seconds": round(time.monotonic() - start, 1)}))
+    for name in ("boxes", "landmarks", "embeddings"):  # embeddings last: it marks completion
+        (folder / f"{name}.tmp.npy").replace(folder / f"{name}.npy")
+    return TeacherCache(index, boxes, landmarks, embeddings)
+
+
+def training_people(images_dir: Path) -> dict[str, list[int]]:
+    """Every image of the training people plus every image in the validation pairs."""
+    from training.lfw import VAL_PAIRS_FILE, list_people, load_split, read_pairs
+
+    people = list_people(images_dir)
+    val_people = set(load_split(images_dir)["val_people"])
+    wanted = {n: list(idx) for n, idx in people.items() if n not in val_people}
+    pairs, _ = read_pairs(VAL_PAIRS_FILE)
+    for p in pairs:
+        for name, index in ((p.name1, p.index1), (p.name2, p.index2)):
+            wanted.setdefault(name, [])
+            if index not in wanted[name]:
+                wanted[name] = sorted(wanted[name] + [index])
+    return wanted
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from training.embedder_data import DEFAULT_DETECTOR
+
+    parser.add_argument("--images", type=Path, default=None, help="LFW folder")
+    parser.add_argument("--detector", type=Path, default=DEFAULT_DETECTOR)
+    parser.add_argument("--workers", type=int, default=2)
+
+
+def run(args: argparse.Namespace) -> int:
+    from training.lfw import default_images_dir
+
+    images = Path(args.images or default_images_dir())
+    cache = load_teacher_cache(images, training_people(images), args.detector, args.workers)
+    # The teacher's own score on our validation pairs: the ceiling the student is pulled towards.
+    from training.lfw import VAL_PAIRS_FILE, read_pairs
+    from training.verification_metrics import verification_report
+
+    pairs, folds = read_pairs(VAL_PAIRS_FILE)
+    e = cache.embeddings
+    scores = np.array([float(e[cache.index[(p.name1, p.index1)]] @ e[cache.index[(p.name2, p.index2)]])
+                       for p in pairs])
+    report = verification_report(scores, np.array([p.same for p in pairs]), folds)
+    print(json.dumps({"faces": len(cache.index), "embedding_dim": int(e.shape[1]),
+                      "teacher_val_accuracy": report["accuracy"], "teacher_val_auc": report["auc"],
+                      "teacher_val_tar_at_far_1e-3": report["tar_at_far_1e-3"],
+                      "pairs": len(pairs)}))
+    return 0
