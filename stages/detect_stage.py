@@ -14,21 +14,18 @@ from stages.detections import Detections
 from stages.face_crop import crop_faces
 from stages.messages import FaceCrops, Message, VideoFrame
 from stages.quality import QualityGate, sharpness
-from stages.stage import Stage
+from stages.stage import BatchingStage
 from stages.transport import Defaults
 
 
-class DetectStage(Stage):
+class DetectStage(BatchingStage):
     kind = "detect"
-    time_process = False   # batches are timed instead
 
     def __init__(self, ctx):
-        super().__init__(ctx)
         self.dcfg = ctx.config.detect
+        super().__init__(ctx, self.dcfg.batch_max, self.dcfg.batch_wait_ms / 1000)
         self.detector = None
         self.trackers: dict = {}
-        self.pending: list[VideoFrame] = []
-        self.deadline: float | None = None
         self.gate = QualityGate(self.dcfg.min_face_px, self.dcfg.min_blur)
         self.epoch = int(time.time() * 1000)   # new per process: tells downstream tracks restarted
         self.crop_spec = None
@@ -66,21 +63,9 @@ class DetectStage(Stage):
         if not isinstance(msg, VideoFrame):
             self.log.warning("ignored unexpected %s", msg.KIND)
             return []
-        self.pending.append(msg)
-        if self.deadline is None:
-            self.deadline = time.monotonic() + self.dcfg.batch_wait_ms / 1000
-        return self.flush() if len(self.pending) >= self.dcfg.batch_max else []
+        return self.enqueue(msg)
 
-    def next_deadline(self) -> float | None:
-        return self.deadline
-
-    def poll(self, now: float) -> list[Message]:
-        return self.flush() if self.deadline is not None and now >= self.deadline else []
-
-    def flush(self) -> list[Message]:
-        if not self.pending:
-            return []
-        frames, self.pending, self.deadline = self.pending, [], None
+    def run_batch(self, frames: list[VideoFrame]) -> list[Message]:
         start = time.perf_counter()
         detections = self.detector.detect([f.image for f in frames])
         self.metrics.batch_size.labels("detect").observe(len(frames))

@@ -18,7 +18,7 @@ import numpy as np
 from stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
 from stages.messages import FaceCrops, FaceEmbeddings, Message
 from stages.onnx_session import ModelError
-from stages.stage import Stage
+from stages.stage import BatchingStage
 
 
 @dataclass(frozen=True)
@@ -74,20 +74,17 @@ class _TrackState:
     last_pts: float = float("-inf")
 
 
-class EmbedStage(Stage):
+class EmbedStage(BatchingStage):
+    """Pending items are (message, indices of its faces to embed); units are faces."""
     kind = "embed"
-    time_process = False   # batches are timed instead
 
     def __init__(self, ctx):
-        super().__init__(ctx)
         self.ecfg = ctx.config.embed
+        super().__init__(ctx, self.ecfg.batch_max, self.ecfg.batch_wait_ms / 1000)
         self.snapshots = ctx.config.publish.snapshots
         self.embedder = None
         self.tracks: dict[tuple[str, int], _TrackState] = {}
         self.epochs: dict[str, int] = {}
-        self.pending: list[tuple[FaceCrops, np.ndarray]] = []   # message, chosen face indices
-        self.pending_faces = 0
-        self.deadline: float | None = None
 
     def setup(self) -> None:
         from stages.face_embedder import FaceEmbedder
@@ -121,22 +118,9 @@ class EmbedStage(Stage):
         chosen = self.choose(msg)
         if len(chosen) == 0 and len(msg.ended_tracks) == 0:
             return []
-        self.pending.append((msg, chosen))
-        self.pending_faces += len(chosen)
-        if self.deadline is None:
-            self.deadline = time.monotonic() + self.ecfg.batch_wait_ms / 1000
-        return self.flush() if self.pending_faces >= self.ecfg.batch_max else []
+        return self.enqueue((msg, chosen), len(chosen))
 
-    def next_deadline(self) -> float | None:
-        return self.deadline
-
-    def poll(self, now: float) -> list[Message]:
-        return self.flush() if self.deadline is not None and now >= self.deadline else []
-
-    def flush(self) -> list[Message]:
-        if not self.pending:
-            return []
-        pending, self.pending, self.pending_faces, self.deadline = self.pending, [], 0, None
+    def run_batch(self, pending: list[tuple[FaceCrops, np.ndarray]]) -> list[Message]:
         crops = [msg.crops[idx] for msg, idx in pending if len(idx)]
         size = self.embedder.input_size
         if crops:

@@ -189,3 +189,38 @@ class Stage:
             return 0
         finally:
             self.teardown()
+
+
+class BatchingStage(Stage):
+    """A stage whose work runs in batches: items gather until `batch_max` units are pending or
+    `batch_wait_s` has passed since the first, then `run_batch` gets them all at once."""
+    time_process: ClassVar[bool] = False   # batches are timed instead
+
+    def __init__(self, ctx: StageContext, batch_max: int, batch_wait_s: float):
+        super().__init__(ctx)
+        self.batch_max, self.batch_wait_s = batch_max, batch_wait_s
+        self.pending: list = []
+        self.pending_units = 0
+        self.deadline: float | None = None
+
+    def run_batch(self, items: list) -> list[Message]:
+        raise NotImplementedError
+
+    def enqueue(self, item, units: int = 1) -> list[Message]:
+        self.pending.append(item)
+        self.pending_units += units
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.batch_wait_s
+        return self.flush() if self.pending_units >= self.batch_max else []
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def poll(self, now: float) -> list[Message]:
+        return self.flush() if self.deadline is not None and now >= self.deadline else []
+
+    def flush(self) -> list[Message]:
+        if not self.pending:
+            return []
+        items, self.pending, self.pending_units, self.deadline = self.pending, [], 0, None
+        return self.run_batch(items)

@@ -164,7 +164,8 @@ def load_crop_cache(images_dir: Path, people: dict[str, list[int]], detector: Pa
         return CropCache(crops, index, meta["fallbacks"], meta["boxes_from"], meta.get("aligned", 0))
     boxer = FaceBoxer(Path(detector) if has_detector else None, detector_imgsz)
     faces = None
-    if teacher is not None:
+    if teacher is not None:   # its boxes are the boxer's, computed when the teacher cache was
+        boxer.fallbacks = teacher.centre_box_fallbacks
         rows = [teacher.index[k] for k in keys]
         faces = [(teacher.boxes[r], teacher.landmarks[r]) for r in rows]
     log.info("cropping %d images with %s (once; cached in %s)", len(keys), boxer.description, folder)

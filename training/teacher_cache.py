@@ -32,6 +32,7 @@ class TeacherCache:
     boxes: np.ndarray                   # (N, 4) float32
     landmarks: np.ndarray               # (N, 5, 2) float32, dlib's order
     embeddings: np.ndarray              # (N, 128) float32 unit vectors
+    centre_box_fallbacks: int = 0       # images where the detector found no face
 
 
 def _cache_folder(images_dir: Path, keys: list, detector: Path | None) -> Path:
@@ -69,8 +70,9 @@ def load_teacher_cache(images_dir: Path, people: dict[str, list[int]], detector:
     folder = _cache_folder(images_dir, keys, detector)
     index = {k: i for i, k in enumerate(keys)}
     if (folder / "embeddings.npy").is_file():
+        fallbacks = json.loads((folder / "keys.json").read_text())["centre_box_fallbacks"]
         return TeacherCache(index, np.load(folder / "boxes.npy"), np.load(folder / "landmarks.npy"),
-                            np.load(folder / "embeddings.npy"))
+                            np.load(folder / "embeddings.npy"), fallbacks)
     has_detector = detector is not None and Path(detector).is_file()
     jobs = [(str(images_dir), keys[s:s + chunk], str(detector) if has_detector else None)
             for s in range(0, len(keys), chunk)]
@@ -91,7 +93,7 @@ def load_teacher_cache(images_dir: Path, people: dict[str, list[int]], detector:
                                                   "seconds": round(time.monotonic() - start, 1)}))
     for name in ("boxes", "landmarks", "embeddings"):  # embeddings last: it marks completion
         (folder / f"{name}.tmp.npy").replace(folder / f"{name}.npy")
-    return TeacherCache(index, boxes, landmarks, embeddings)
+    return TeacherCache(index, boxes, landmarks, embeddings, fallbacks)
 
 
 def training_people(images_dir: Path) -> dict[str, list[int]]:
