@@ -156,8 +156,10 @@ def _prepare_data(args) -> dict:
     train_rows = np.array([r for r, _ in rows])
     teacher_vectors = None
     if args.teacher == "dlib":
-        teacher_vectors = teacher.embeddings[[teacher.index[(n, i)] for n in train_names
-                                              for i in people[n]]]
+        from training.teacher_cache import centred
+
+        teacher_vectors = centred(teacher.embeddings[[teacher.index[(n, i)] for n in train_names
+                                                      for i in people[n]]])
     return {
         "teacher": teacher_vectors,
         "crop_spec": spec,
