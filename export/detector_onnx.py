@@ -2,7 +2,8 @@
 
 ultralytics' exporter writes the graph and its own metadata (imgsz, stride, names, task); we add
 what the project needs to know about the model: its training data, split and validation metrics,
-measured on the exported file itself.
+measured on the exported file itself. A YOLOv8-pose checkpoint with five face landmarks exports
+the same way (output [N, 20, anchors]); its file also names the landmark order and their source.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from training.ultralytics_env import configure_offline
 log = logging.getLogger("facewatch.export")
 TRAINING_DATA = ("WIDER FACE validation images (1,450, shared copy), split by event class: "
                  "training/splits/widerface_split.json")
+LANDMARK_SOURCE = ("pseudo-labels from dlib's shape_predictor_5_face_landmarks inside each WIDER box "
+                   "(faces >= 16 px tall with plausible points): training/widerface_landmarks.py")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +39,12 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int) -> Path:
     from ultralytics import YOLO
 
     model = YOLO(str(weights))
-    if model.task != "detect" or len(model.names) != 1:
-        raise ValueError(f"{weights}: expected a one-class detection checkpoint, got task "
-                         f"{model.task!r} with classes {model.names}")
+    kpt_shape = list(getattr(model.model, "kpt_shape", None) or [])
+    if len(model.names) != 1 or not (model.task == "detect" or (model.task == "pose"
+                                                                and kpt_shape == [5, 3])):
+        raise ValueError(f"{weights}: expected a one-class detection checkpoint or a one-class pose "
+                         f"checkpoint with kpt_shape [5, 3], got task {model.task!r} with classes "
+                         f"{model.names} and kpt_shape {kpt_shape or None}")
     exported = Path(model.export(format="onnx", opset=opset, dynamic=True, simplify=True,
                                  imgsz=imgsz, device="cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -48,18 +54,26 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from export.onnx_metadata import set_metadata
+    from stages.face_detector import FaceDetector
 
     out = export_onnx(args.weights, args.out, args.imgsz, args.opset)
     meta = {"facewatch_detector": "1", "training_data": TRAINING_DATA,
             "checkpoint_sha256": hashlib.sha256(args.weights.read_bytes()).hexdigest()[:16]}
+    detector = FaceDetector(out, providers=["CPUExecutionProvider"])
+    if detector.has_landmarks:
+        from training.dlib_teacher import FLIP_INDEX, LANDMARK_NAMES
+
+        meta["landmarks"] = {"count": 5, "order": list(LANDMARK_NAMES), "flip_index": list(FLIP_INDEX),
+                             "units": "input pixels, (x, y, visibility) rows after the score",
+                             "source": LANDMARK_SOURCE}
     if not args.no_eval:
-        from stages.face_detector import FaceDetector
-        from training.evaluate_detector import EVAL_CONF, evaluate_detector, select_records
+        from training.evaluate_detector import EVAL_CONF, evaluate_detector, landmark_labels, select_records
 
         root = shared_data_dir() / "widerface"
         detector = FaceDetector(out, providers=["CPUExecutionProvider"], conf_threshold=EVAL_CONF)
+        labels = landmark_labels(root) if detector.has_landmarks else None
         metrics = evaluate_detector(detector, select_records(root / "wider_face_bbx_gt.txt", "val", None),
-                                    root / "images")
+                                    root / "images", labels)
         metrics["split"] = "val"
         meta["validation_metrics"] = metrics
         log.info("validation metrics of %s: %s", out, json.dumps(metrics))

@@ -1,8 +1,14 @@
 """The YOLOv8 face detector as the daemon runs it: onnxruntime, letterbox, batch, decode, NMS.
 
 The model is a one-class ultralytics YOLOv8 export: input `images [N, 3, S, S]` (RGB, 0..1),
-output `[N, 5, anchors]` rows (cx, cy, w, h, score) in input pixels. Input size and stride are
-read from the file's metadata, so the daemon never duplicates them.
+output `[N, 5, anchors]` rows (cx, cy, w, h, score) in input pixels, or, from a YOLOv8-pose
+export with five landmarks, `[N, 20, anchors]`: the same five rows, then (x, y, visibility) of
+each landmark (`training.dlib_teacher.LANDMARK_NAMES` order; points in input pixels). Input size,
+stride and keypoint shape are read from the file's metadata, so the daemon never duplicates them.
+
+Landmarks come back in frame pixels like the boxes but are not clipped to the frame: a point
+just outside it (a face cut by the border) is the model's best estimate, and clipping it would
+distort the alignment made from it.
 """
 from __future__ import annotations
 
@@ -15,6 +21,9 @@ from stages.detections import Detections
 from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 log = logging.getLogger("facewatch.detector")
+NUM_LANDMARKS = 5
+BOX_CHANNELS = 5                                  # cx, cy, w, h, score
+POSE_CHANNELS = BOX_CHANNELS + 3 * NUM_LANDMARKS  # + (x, y, visibility) per landmark
 PAD_VALUE = 114  # ultralytics' letterbox grey: the model was trained on it
 
 
@@ -71,12 +80,20 @@ class FaceDetector:
             raise ModelError(f"face detector {path}: expected one input [N, 3, H, W], got "
                              f"{[(i.name, i.shape) for i in inputs]}")
         shape = outputs[0].shape
-        if len(outputs) != 1 or len(shape) != 3 or shape[1] != 5:
+        if len(outputs) != 1 or len(shape) != 3 or shape[1] not in (BOX_CHANNELS, POSE_CHANNELS):
             raise ModelError(f"face detector {path}: not a one-class YOLOv8 detector (expected one "
-                             f"output [N, 5, anchors], got {[(o.name, o.shape) for o in outputs]})")
-        task = self.meta.get("task")
-        if task not in (None, "detect"):
-            raise ModelError(f"face detector {path}: model task is {task!r}, expected 'detect'")
+                             f"output [N, {BOX_CHANNELS}, anchors] (boxes) or [N, {POSE_CHANNELS}, "
+                             f"anchors] (boxes and {NUM_LANDMARKS} landmarks), got "
+                             f"{[(o.name, o.shape) for o in outputs]})")
+        self.has_landmarks = shape[1] == POSE_CHANNELS
+        task, expected = self.meta.get("task"), ("pose" if self.has_landmarks else "detect")
+        if task not in (None, expected):
+            raise ModelError(f"face detector {path}: model task is {task!r} with {shape[1]} output "
+                             f"channels, expected {expected!r}")
+        kpt_shape = self.meta.get("kpt_shape")
+        if self.has_landmarks and kpt_shape is not None and list(kpt_shape) != [NUM_LANDMARKS, 3]:
+            raise ModelError(f"face detector {path}: keypoint shape {list(kpt_shape)}, expected "
+                             f"[{NUM_LANDMARKS}, 3] (five face landmarks with visibility)")
 
     def preprocess(self, frames: list[np.ndarray]) -> tuple[np.ndarray, list]:
         for i, frame in enumerate(frames):
@@ -109,7 +126,11 @@ class FaceDetector:
             scores = rows[4]
             keep = scores > self.conf_threshold
             if not np.any(keep):
-                results.append(Detections.empty())
+                empty = Detections.empty()
+                if self.has_landmarks:
+                    empty = Detections(empty.boxes, empty.scores,
+                                       np.zeros((0, NUM_LANDMARKS, 2), np.float32))
+                results.append(empty)
                 continue
             cx, cy, bw, bh = rows[:4, keep]
             scores = scores[keep]
@@ -122,7 +143,13 @@ class FaceDetector:
             boxes = (boxes[idx] - [pad_x, pad_y, pad_x, pad_y]) / scale
             boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
             boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-            results.append(Detections(boxes.astype(np.float32), scores[idx].astype(np.float32)))
+            landmarks = None
+            if self.has_landmarks:
+                # rows 5.. are x, y, visibility per landmark -> (kept, 5, 3) -> frame pixels
+                points = rows[BOX_CHANNELS:, keep][:, idx].T.reshape(-1, NUM_LANDMARKS, 3)[..., :2]
+                landmarks = ((points - [pad_x, pad_y]) / scale).astype(np.float32)
+            results.append(Detections(boxes.astype(np.float32), scores[idx].astype(np.float32),
+                                      landmarks))
         return results
 
     def detect(self, frames: list[np.ndarray]) -> list[Detections]:

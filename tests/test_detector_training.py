@@ -85,3 +85,74 @@ def test_train_one_epoch_then_resume_then_export(tiny_wider, tmp_path):
     assert detector.meta["names"] == {0: "face"}
     frames = [cv2.imread(str(p)) for p in sorted((root / "images/12--Group").glob("12_*.jpg"))[:3]]
     assert len(detector.detect(frames)) == 3  # dynamic batch axis
+
+
+def _untrained_box_checkpoint(path):
+    """A one-class YOLOv8n box checkpoint as ultralytics saves it (untrained: seconds, not hours)."""
+    import yaml
+
+    from training.ultralytics_env import configure_offline
+
+    configure_offline()
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import yaml_model_load
+
+    cfg = path.parent / "yolov8n-face.yaml"
+    spec = yaml_model_load("yolov8n.yaml")
+    spec.pop("yaml_file", None)
+    cfg.write_text(yaml.safe_dump({**spec, "nc": 1, "scale": "n"}))
+    model = YOLO(str(cfg))
+    model.save(str(path))
+    return path
+
+
+def test_pose_model_starts_from_the_box_checkpoint(tmp_path):
+    import torch
+
+    from training.train_detector import pose_model_yaml
+
+    box = _untrained_box_checkpoint(tmp_path / "box.pt")
+    from ultralytics import YOLO
+
+    pose = YOLO(str(pose_model_yaml("n", tmp_path)))
+    assert pose.task == "pose" and list(pose.model.kpt_shape) == [5, 3]
+    pose.load(str(box))
+    box_state = torch.load(box, weights_only=False)["model"].float().state_dict()
+    pose_state = pose.model.state_dict()
+    shared = [k for k in box_state if k in pose_state]
+    # everything but the new keypoint branch (model.22.cv4) comes from the box model, head included
+    assert len(shared) == len(box_state) and not any(".cv4." in k for k in shared)
+    assert all(torch.equal(box_state[k], pose_state[k].float()) for k in shared)
+    assert any(".cv4." in k for k in pose_state)
+
+
+@pytest.mark.slow
+def test_train_pose_one_epoch_then_export(tiny_wider, tmp_path):
+    pytest.importorskip("dlib")
+    root, split = tiny_wider
+    box = _untrained_box_checkpoint(tmp_path / "box.pt")
+    env = {"FACEWATCH_RUNS": str(tmp_path / "runs"), "PATH": "/usr/bin:/bin",
+           "YOLO_CONFIG_DIR": str(tmp_path / "yolo")}
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "train-detector", "--pose", "--init",
+                          str(box), "--data", str(root), "--split", str(split), "--imgsz", "64",
+                          "--batch", "4", "--workers", "0", "--epochs", "1", "--name", "tinypose"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "landmark pseudo-labels:" in out.stdout and "faces visible" in out.stdout
+    assert "Transferred 355/397 items" in out.stdout + out.stderr
+    run = tmp_path / "runs/detector/tinypose"
+    assert "kpt_shape: [5, 3]" in (run / "dataset/widerface-pose.yaml").read_text()
+
+    onnx_path = tmp_path / "tinypose.onnx"
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "export-detector", "--weights",
+                          str(run / "weights/best.pt"), "--out", str(onnx_path), "--imgsz", "64",
+                          "--no-eval"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    detector = FaceDetector(onnx_path, providers=["CPUExecutionProvider"], conf_threshold=0.0001)
+    assert detector.has_landmarks and detector.session.get_outputs()[0].shape[1] == 20
+    assert detector.meta["kpt_shape"] == [5, 3] and detector.meta["task"] == "pose"
+    assert detector.meta["landmarks"]["order"][0] == "right_eye_outer"
+    assert detector.meta["landmarks"]["flip_index"] == [2, 3, 0, 1, 4]
+    frames = [cv2.imread(str(p)) for p in sorted((root / "images/12--Group").glob("12_*.jpg"))[:2]]
+    found = detector.detect(frames)  # dynamic batch axis
+    assert len(found) == 2 and all(d.landmarks.shape == (len(d), 5, 2) for d in found)

@@ -3,6 +3,14 @@
 Prints AP50 over all valid faces, AP50 over faces >= 32 px tall (smaller ones ignored), recall at
 precision 0.9 and mean ms per image (batch 1, pre- and post-processing included); the last line
 is one JSON object with keys ap50, ap50_large, recall_at_p90, ms_per_image.
+
+For a model with landmarks (YOLOv8-pose export) it also prints the landmark error against the
+dlib pseudo-labels of `training/widerface_landmarks.py` (read from the WIDER folder beside
+`--images`, computed once and cached): detections are matched one-to-one to the labelled face
+boxes (IoU >= 0.5, highest score first), and over matched faces with visible labels it reports
+the mean and median NME (mean point error / inter-ocular distance) and the share under 0.1.
+For every model, `nme_box_prior` is the same error of the fixed average landmark layout inside
+the detected box (`stages.face_crop.box_landmarks`, the fallback when there are no landmarks).
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import numpy as np
 
 from stages.face_detector import FaceDetector
 from training.detection_metrics import evaluate
+from training.landmark_metrics import landmark_nme, match_faces, summarise_nme
 from training.wider_gt import read_wider_gt
 
 LARGE_FACE_PX = 32
@@ -32,10 +41,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imgsz", type=int, default=None, help="inference size (default: model's)")
     parser.add_argument("--limit", type=int, default=None, help="score the first N images only")
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
+    parser.add_argument("--no-landmarks", action="store_true",
+                        help="skip the landmark error (needs the WIDER labels/ beside --images and dlib)")
 
 
-def evaluate_detector(detector: FaceDetector, records, images_dir: Path) -> dict:
+def landmark_labels(root: Path):
+    """The cached dlib pseudo-labels of the committed split (train and val) under `root`."""
+    from training.widerface import load_split
+    from training.widerface_landmarks import load_landmark_labels
+
+    split = load_split()
+    return load_landmark_labels(root, split["train"] + split["val"])
+
+
+def landmark_errors(det, labels, image: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """NME of the model's landmarks and NME of the box prior over this image's matched faces
+    with visible labels, those faces' heights, and the heights of all its visible labelled faces."""
+    from stages.face_crop import box_landmarks
+
+    gt_boxes, gt_points, gt_visible = labels.image(image)
+    pairs = [(d, g) for d, g in match_faces(det.boxes, det.scores, gt_boxes) if gt_visible[g]]
+    d_idx = np.array([d for d, _ in pairs], np.int64)
+    g_idx = np.array([g for _, g in pairs], np.int64)
+    target = gt_points[g_idx]
+    prior = np.array([box_landmarks(b) for b in det.boxes[d_idx]], np.float32).reshape(-1, 5, 2)
+    model = (landmark_nme(det.landmarks[d_idx], target) if det.landmarks is not None
+             else np.zeros(0))
+    heights = gt_boxes[:, 3] - gt_boxes[:, 1]
+    return model, landmark_nme(prior, target), heights[g_idx], heights[gt_visible]
+
+
+def evaluate_detector(detector: FaceDetector, records, images_dir: Path, labels=None) -> dict:
+    """Box AP (and, with `labels` (LandmarkLabels), landmark NME) of `detector` on `records`."""
     per_image, seconds, missing = [], 0.0, []
+    nme, nme_prior, matched_heights, labelled_heights = [], [], [], []
     for record in records:
         frame = cv2.imread(str(images_dir / record.image))
         if frame is None:
@@ -45,17 +84,43 @@ def evaluate_detector(detector: FaceDetector, records, images_dir: Path) -> dict
         det = detector.detect([frame])[0]
         seconds += time.perf_counter() - start
         per_image.append((det.boxes, det.scores, record.boxes, record.invalid))
+        if labels is not None and record.image in labels:
+            model, prior, matched, labelled = landmark_errors(det, labels, record.image)
+            nme.append(model)
+            nme_prior.append(prior)
+            matched_heights.append(matched)
+            labelled_heights.append(labelled)
     if not per_image:
         raise FileNotFoundError(f"none of the {len(records)} ground-truth images could be read under "
                                 f"{images_dir} (first: {records[0].image if records else '-'})")
     everything = evaluate(per_image)
     large = evaluate(per_image, min_height=LARGE_FACE_PX)
-    return {"ap50": round(everything["ap50"], 4), "ap50_large": round(large["ap50"], 4),
-            "recall_at_p90": round(everything["recall_at_p90"], 4),
-            "recall_at_p90_large": round(large["recall_at_p90"], 4),
-            "ms_per_image": round(1000 * seconds / len(per_image), 2),
-            "images": len(per_image), "unreadable_images": len(missing),
-            "faces": everything["faces"], "faces_large": large["faces"]}
+    result = {"ap50": round(everything["ap50"], 4), "ap50_large": round(large["ap50"], 4),
+              "recall_at_p90": round(everything["recall_at_p90"], 4),
+              "recall_at_p90_large": round(large["recall_at_p90"], 4),
+              "ms_per_image": round(1000 * seconds / len(per_image), 2),
+              "images": len(per_image), "unreadable_images": len(missing),
+              "faces": everything["faces"], "faces_large": large["faces"]}
+    if labels is not None:
+        result.update(landmark_summary(detector.has_landmarks, nme, nme_prior, matched_heights,
+                                       labelled_heights))
+    return result
+
+
+def landmark_summary(has_landmarks: bool, nme, nme_prior, matched_heights, labelled_heights) -> dict:
+    """NME figures over all matched faces and over those >= LARGE_FACE_PX tall (`_large`)."""
+    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
+    nme, nme_prior, matched, labelled = map(join, (nme, nme_prior, matched_heights, labelled_heights))
+    out = {}
+    for suffix, keep, total in (("", np.ones(len(matched), bool), len(labelled)),
+                                ("_large", matched >= LARGE_FACE_PX, int((labelled >= LARGE_FACE_PX).sum()))):
+        prior = summarise_nme(nme_prior[keep], total)
+        out[f"nme_box_prior{suffix}"] = prior["nme"]
+        out[f"nme_box_prior_under_0_1{suffix}"] = prior["nme_under_0_1"]
+        summary = summarise_nme(nme[keep], total) if has_landmarks else {
+            "landmark_faces": prior["landmark_faces"], "landmark_faces_labelled": total}
+        out.update({f"{k}{suffix}": v for k, v in summary.items()})
+    return out
 
 
 def select_records(gt: Path, split: str, limit: int | None):
@@ -76,7 +141,10 @@ def run(args: argparse.Namespace) -> int:
     detector = FaceDetector(args.model, providers=args.providers, conf_threshold=EVAL_CONF,
                             imgsz=args.imgsz)
     records = select_records(args.gt, args.split, args.limit)
-    result = evaluate_detector(detector, records, args.images)
+    labels = None
+    if (args.images.parent / "labels").is_dir() and not args.no_landmarks:
+        labels = landmark_labels(args.images.parent)
+    result = evaluate_detector(detector, records, args.images, labels)
     result["imgsz"] = detector.imgsz
     print(f"images {result['images']}  faces {result['faces']} (>= {LARGE_FACE_PX} px: "
           f"{result['faces_large']})  imgsz {detector.imgsz}  provider {detector.provider}")
@@ -84,5 +152,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"AP50 faces >= {LARGE_FACE_PX} px       {result['ap50_large']:.4f}")
     print(f"recall at precision 0.9  {result['recall_at_p90']:.4f}")
     print(f"ms per image             {result['ms_per_image']:.2f}")
+    if labels is not None:
+        for suffix, band in (("", "all faces"), ("_large", f"faces >= {LARGE_FACE_PX} px")):
+            print(f"landmarks, {band}: {result['landmark_faces' + suffix]} matched of "
+                  f"{result['landmark_faces_labelled' + suffix]} with visible pseudo-labels (IoU >= 0.5)")
+            if detector.has_landmarks and result["nme" + suffix] is not None:
+                print(f"  NME (inter-ocular)     {result['nme' + suffix]:.4f} mean, "
+                      f"{result['nme_median' + suffix]:.4f} median, "
+                      f"{result['nme_under_0_1' + suffix]:.3f} of faces under 0.1")
+            if result["nme_box_prior" + suffix] is not None:
+                print(f"  NME of the box prior   {result['nme_box_prior' + suffix]:.4f} mean, "
+                      f"{result['nme_box_prior_under_0_1' + suffix]:.3f} of faces under 0.1")
     print(json.dumps(result))
     return 0
