@@ -106,7 +106,12 @@ def load_embedder(path: Path, flip_average: bool | None = None):
     path = Path(path)
     if path.suffix == ".keras":
         summary = path.parent / "summary.json"
+        state = path.parent / "state.json"   # a run still training has no summary yet
         info = json.loads(summary.read_text()) if summary.is_file() else {}
+        if not info and state.is_file():
+            run_args = json.loads(state.read_text())["args"]
+            info = {"crop_alignment": run_args.get("alignment", "box"),
+                    "crop_scale": run_args.get("crop_scale", DEFAULT_CROP_SCALE)}
         embedder = KerasEmbedder(path, flip_average=True if flip_average is None else flip_average)
         embedder.crop_spec = CropSpec(embedder.input_size, info.get("crop_alignment", "box"),
                                       float(info.get("crop_scale", DEFAULT_CROP_SCALE)))
