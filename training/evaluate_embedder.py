@@ -171,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
           f"(accuracy {report['accuracy_at_threshold']:.4f})")
     if args.roc_png:
         print(f"ROC curve: {args.roc_png}")
-    print(json.dumps({k: report[k] for k in ("accuracy", "auc", "tar_at_far_1e-3", "threshold")}
+    print(json.dumps({k: report[k] for k in ("accuracy", "auc", "tar_at_far_1e-3", "threshold",
+                                             "threshold_at_far_1e-3", "crop_alignment",
+                                             "aligned_on_landmarks")}
                      | {"pairs": report["pairs"], "model": str(args.model)}))
     return 0
