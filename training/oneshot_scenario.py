@@ -353,6 +353,8 @@ def run(args: argparse.Namespace) -> int:
         least = 0 if k == "unknown" else 1
         if v < least:
             raise ValueError(f"--{k.replace('_', '-')} must be at least {least}, got {v}")
+    # Absolute: the daemon runs with the work folder as its base, not our working directory.
+    args.detector, args.embedder = Path(args.detector).resolve(), Path(args.embedder).resolve()
     for model in (args.detector, args.embedder):
         if not model.is_file():
             raise FileNotFoundError(f"model not found: {model}")
