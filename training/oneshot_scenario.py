@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
         if not model.is_file():
             raise FileNotFoundError(f"model not found: {model}")
     images = Path(args.images or default_images_dir())
-    workdir = Path(args.workdir or runs_dir() / "oneshot")
+    workdir = Path(args.workdir or runs_dir() / "oneshot").resolve()
     workdir.mkdir(parents=True, exist_ok=True)
 
     people_photos = list_people(images)
