@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
-        sock.close()
+        # linger 0: a reader leaving (Ctrl-C, closed pipe) must never wait on unsent frames.
+        sock.close(linger=0)
         ctx.term()
 
 
