@@ -45,9 +45,17 @@ def publisher(ctx: zmq.Context, curve_secret: bytes | None = None) -> tuple[zmq.
     return sock, f"tcp://127.0.0.1:{port}"
 
 
+def interactive_signals() -> None:
+    """As a terminal would start it: Ctrl-C not ignored. An ignored SIGINT is inherited across
+    exec, and Python then installs no KeyboardInterrupt handler; in the full suite something in
+    the pytest process (not our code: no SIG_IGN in it) leaves SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(endpoint: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "daemon.cli", "events", "--endpoint", endpoint, *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interactive_signals)
 
 
 def wait_joined(pub: zmq.Socket, proc: subprocess.Popen) -> None:
