@@ -159,9 +159,15 @@ class Supervisor:
         st.last_exit, st.ready, st.proc = rc, False, None
         self._status_dirty = True
         ran = now - st.started_at
-        if st.finished and rc == 0:
+        if st.finished:
             st.state = "finished"
-            log.info("%s finished (pid %d)", st.name, pid)
+            if rc == 0:
+                log.info("%s finished (pid %d)", st.name, pid)
+            else:
+                # Its streams had ended and been reported; a crash on the way out (seen: FFmpeg
+                # aborting in teardown after a truncated file) must not replay a finished file.
+                log.warning("%s finished, then exited with status %d while shutting down (pid %d); "
+                            "not restarting it", st.name, rc, pid)
             return
         if rc == EXIT_SETUP:   # a restart would fail the same way: stop the daemon instead
             st.state = "failed"
