@@ -88,13 +88,18 @@ class GallerySnapshot:
         return len(self.names)
 
 
-def file_model_id(model_path: str | os.PathLike) -> str:
-    """Identity of an embedder file: embeddings of different files are never compared."""
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, read in 1 MB blocks (model files are tens of MB)."""
     digest = hashlib.sha256()
-    with open(model_path, "rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def file_model_id(model_path: str | os.PathLike) -> str:
+    """Identity of an embedder file: embeddings of different files are never compared."""
+    return file_sha256(model_path)[:16]
 
 
 def _create_private(path: Path) -> None:

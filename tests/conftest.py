@@ -82,6 +82,15 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def wider_val_images(data_dir) -> list[Path]:
+    """The first 12 images of our WIDER validation split (detector comparison tests)."""
+    from training.widerface import load_split
+
+    root = data_dir / "widerface" / "images"
+    return [root / rel for rel in load_split()["val"][:12]]
+
+
+@pytest.fixture(scope="session")
 def knn_dir(data_dir) -> Path:
     d = data_dir / "faces_small" / "knn_examples"
     if not (d / "train").is_dir() or not (d / "test").is_dir():

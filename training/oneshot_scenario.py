@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -35,6 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from stages.gallery import file_sha256
 from training.lfw import default_images_dir, image_path, list_people, load_split
 from training.paths import REPO_ROOT, runs_dir
 
@@ -330,13 +330,6 @@ def score(appearances: list[Appearance], events: list[dict], fps: float = FPS,
 
 # --- the command -----------------------------------------------------------------------------
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def read_events(path: Path) -> list[dict]:
     if not path.is_file():
@@ -401,8 +394,8 @@ def run(args: argparse.Namespace) -> int:
               "enroll_photos_refused": refused, "video_s": round(frames / FPS, 1),
               "realtime": args.realtime, "detector_imgsz": args.detector_imgsz, "seed": args.seed,
               "daemon_exit": code, "daemon_wall_s": round(wall, 1),
-              "detector": str(args.detector), "detector_sha256": sha256(args.detector),
-              "embedder": str(args.embedder), "embedder_sha256": sha256(args.embedder)}
+              "detector": str(args.detector), "detector_sha256": file_sha256(args.detector),
+              "embedder": str(args.embedder), "embedder_sha256": file_sha256(args.embedder)}
     line = json.dumps(result)
     (workdir / "result.json").write_text(line + "\n")
     print(line, flush=True)

@@ -46,11 +46,12 @@ def centred(vectors: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
 
 
 def _cache_folder(images_dir: Path, keys: list, detector: Path | None) -> Path:
-    from training.embedder_data import DETECTOR_IMGSZ, file_sha1
+    from stages.gallery import file_sha256
+    from training.embedder_data import DETECTOR_IMGSZ
 
     has_detector = detector is not None and Path(detector).is_file()
     key = hashlib.sha1(json.dumps({
-        "detector": file_sha1(Path(detector)) if has_detector else "centre-box",
+        "detector": file_sha256(Path(detector)) if has_detector else "centre-box",
         "imgsz": DETECTOR_IMGSZ, "images": str(Path(images_dir).resolve()),
         "keys": keys}).encode()).hexdigest()[:16]
     return runs_dir() / "teacher_cache" / f"lfw-{key}"
