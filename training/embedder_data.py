@@ -179,6 +179,38 @@ def load_crop_cache(images_dir: Path, people: dict[str, list[int]], detector: Pa
     return CropCache(crops, index, boxer.fallbacks, description, aligned)
 
 
+def load_unlabelled_crops(faces, spec: CropSpec = CropSpec(), cache_root: Path | None = None
+                          ) -> tuple[np.ndarray, int]:
+    """Crops of every face of a `training.unlabelled_teacher.UnlabelledFaces` cache, on dlib's
+    landmarks (five_point) or their boxes, computed once into `runs/embedder_cache/` like the
+    LFW crops. Returns (N, S, S, 3) uint8 BGR crops in the cache's row order and how many were
+    aligned on their own landmarks."""
+    key = hashlib.sha1(json.dumps({
+        "faces": faces.key, "scale": spec.scale, "size": spec.size, "alignment": spec.alignment,
+        "landmarks": "dlib 5-point"}).encode()).hexdigest()[:16]
+    folder = (cache_root or runs_dir() / "embedder_cache") / f"unlabelled-{key}"
+    if (folder / "crops.npy").is_file() and (folder / "meta.json").is_file():
+        return np.load(folder / "crops.npy"), json.loads((folder / "meta.json").read_text())["aligned"]
+    start = time.monotonic()
+    crops = np.empty((len(faces), spec.size, spec.size, 3), np.uint8)
+    aligned = 0
+    for source, frame in faces.frames():
+        rows = np.flatnonzero(faces.source == source)
+        out, ok = crop_faces(frame, faces.boxes[rows], spec, faces.landmarks[rows])
+        crops[rows] = out
+        aligned += int(ok.sum())
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "crops.tmp.npy", crops)
+    (folder / "crops.tmp.npy").replace(folder / "crops.npy")
+    (folder / "meta.json").write_text(json.dumps({
+        "faces": faces.key, "count": len(faces), "aligned": aligned, "alignment": spec.alignment,
+        "crop_scale": spec.scale, "size": spec.size, "seconds": round(time.monotonic() - start, 1)},
+        indent=1))
+    print(f"unlabelled face crops: {len(faces)} faces, {spec.alignment} "
+          f"({aligned} aligned on dlib's landmarks)", flush=True)
+    return crops, aligned
+
+
 # ---------------------------------------------------------------------------- augmentation
 def augment_crop(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One BGR uint8 crop -> a randomly altered float32 copy (detector jitter, camera, light)."""
@@ -227,18 +259,39 @@ def with_teacher(labels: np.ndarray, teacher: np.ndarray | None, rows: np.ndarra
     return labels if teacher is None else (labels, teacher[rows].astype(np.float32))
 
 class ShuffledBatches(keras.utils.PyDataset):
-    """All training images in a fresh random order each epoch (ArcFace)."""
+    """All training images in a fresh random order each epoch (ArcFace).
+
+    Rows labelled -1 are faces without identity (distillation only). With `max_unlabelled_share`
+    an epoch holds every labelled row and a fresh random subset of the unlabelled ones, at most
+    that fraction of the epoch, so they cannot crowd out the identity loss (with a few people).
+    """
 
     def __init__(self, crops: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
-                 augment: bool = True, teacher: np.ndarray | None = None, **kwargs):
+                 augment: bool = True, teacher: np.ndarray | None = None,
+                 max_unlabelled_share: float | None = None, **kwargs):
         super().__init__(**kwargs)
+        if max_unlabelled_share is not None and not 0.0 <= max_unlabelled_share < 1.0:
+            raise ValueError(f"max_unlabelled_share must be in [0, 1), got {max_unlabelled_share}")
         self.crops, self.labels, self.batch_size, self.augment = crops, labels, batch_size, augment
         self.teacher = teacher
         self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(labels))
+        self.labelled = np.flatnonzero(labels >= 0)
+        self.unlabelled = np.flatnonzero(labels < 0)
+        self.unlabelled_per_epoch = len(self.unlabelled)
+        if max_unlabelled_share is not None:
+            cap = int(max_unlabelled_share / (1.0 - max_unlabelled_share) * len(self.labelled))
+            self.unlabelled_per_epoch = min(cap, len(self.unlabelled))
+        self.order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        unlabelled = self.unlabelled
+        if self.unlabelled_per_epoch < len(unlabelled):
+            unlabelled = self.rng.choice(unlabelled, self.unlabelled_per_epoch, replace=False)
+        return self.rng.permutation(np.concatenate([self.labelled, unlabelled]))
 
     def __len__(self) -> int:
-        return len(self.labels) // self.batch_size  # full batches only: BatchNorm and mining
+        # full batches only: BatchNorm and mining
+        return (len(self.labelled) + self.unlabelled_per_epoch) // self.batch_size
 
     def __getitem__(self, index: int):
         rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
@@ -248,7 +301,7 @@ class ShuffledBatches(keras.utils.PyDataset):
         return x, with_teacher(self.labels[rows], self.teacher, rows)
 
     def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.labels))
+        self.order = self._epoch_order()
 
 
 class IdentityBatches(keras.utils.PyDataset):

@@ -49,7 +49,10 @@ class ArcMarginHead(keras.layers.Layer):
         # Past theta = pi - m, cos(theta + m) is no longer decreasing in theta; fall back to a
         # linear penalty there (as insightface does) so the gradient keeps its sign.
         cos_m = ops.where(cos > -ops.cos(m), cos_m, cos - ops.sin(m) * m)
-        onehot = ops.one_hot(ops.cast(ops.reshape(labels, (-1,)), "int32"), self.num_classes)
+        # Rows labelled -1 (faces without identity) get class 0's margin here; arcface_loss
+        # leaves them out, so what they get does not matter.
+        labels = ops.maximum(ops.cast(ops.reshape(labels, (-1,)), "int32"), 0)
+        onehot = ops.one_hot(labels, self.num_classes)
         return self.scale * (onehot * cos_m + (1.0 - onehot) * cos)
 
     def get_config(self):
@@ -58,8 +61,13 @@ class ArcMarginHead(keras.layers.Layer):
 
 
 def arcface_loss(logits, labels):
+    """Mean cross-entropy over the labelled rows. Rows labelled -1 are faces without identity
+    (they train the distillation loss only): they add nothing, and the mean is over the others."""
     labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
-    return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+    labelled = ops.cast(labels >= 0, "float32")
+    per_row = keras.losses.sparse_categorical_crossentropy(ops.maximum(labels, 0), logits,
+                                                          from_logits=True)
+    return ops.sum(per_row * labelled) / ops.maximum(ops.sum(labelled), 1.0)
 
 
 def _pairwise(embeddings, labels):

@@ -203,7 +203,9 @@ class EmbedderTrainer(keras.Model):
                  distill_weight: float = 0.0, relation_weight: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         # With a teacher, targets are (labels, teacher embeddings) and the loss adds
-        # distillation_loss; without, targets are the labels alone.
+        # distillation_loss; without, targets are the labels alone. Rows labelled -1 (faces
+        # without identity) count in the distillation loss only (ArcFace masks them; the
+        # triplet and contrastive losses do not, so train_embedder refuses that combination).
         self.distill_weight, self.relation_weight = distill_weight, relation_weight
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")

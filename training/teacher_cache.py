@@ -1,6 +1,7 @@
 """Landmarks and dlib teacher embeddings for every LFW face we train or validate on, computed once.
 
     facewatch teacher-cache [--images DIR] [--detector models/face_detector.onnx] [--workers 2]
+    facewatch teacher-cache --unlabelled      # WIDER FACE and clip faces: training.unlabelled_teacher
 
 The face box of each image is the one the crop cache uses (`embedder_data.FaceBoxer`: our
 detector, centre-box fallback), so landmarks, aligned crops and teacher vectors all describe the
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training import unlabelled_teacher
 from training.paths import runs_dir
 
 log = logging.getLogger("facewatch.teacher_cache")
@@ -129,10 +131,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, default=None, help="LFW folder")
     parser.add_argument("--detector", type=Path, default=DEFAULT_DETECTOR)
     parser.add_argument("--workers", type=int, default=2)
+    unlabelled_teacher.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from training.lfw import default_images_dir
+
+    if args.unlabelled:
+        return unlabelled_teacher.run(args)
 
     images = Path(args.images or default_images_dir())
     cache = load_teacher_cache(images, training_people(images), args.detector, args.workers)

@@ -2,6 +2,7 @@
 
     facewatch train-embedder --backbone small --loss arcface --minutes 40 --out small-arcface
     facewatch train-embedder --out small-arcface --resume --minutes 60   # continue the same run
+    facewatch train-embedder --teacher dlib --unlabelled-teacher ...     # + WIDER and clip faces
 
 A run lives in `runs/embedder/<out>/`: `last.weights.h5` + `state.json` (resume point: network,
 loss weights, optimizer state, epoch, elapsed time), `embedder.keras` (latest embedding network),
@@ -40,7 +41,9 @@ log = logging.getLogger("facewatch.train_embedder")
 ARCHITECTURE_ARGS = ("backbone", "loss", "mining", "embedding_size", "arc_scale", "arc_margin",
                      "triplet_margin", "contrastive_margin", "per_identity", "crop_scale",
                      "detector", "detector_imgsz", "max_people", "dropout", "drop_path",
-                     "alignment", "landmarks", "teacher", "distill_weight", "relation_weight")
+                     "alignment", "landmarks", "teacher", "distill_weight", "relation_weight",
+                     "unlabelled_teacher", "unlabelled_share", "unlabelled_max_images",
+                     "unlabelled_max_frames")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="weight of 1 - cos(student, teacher) in the loss")
     a("--relation-weight", type=float, default=10.0,
       help="weight of the pairwise-similarity matching term in the loss")
+    a("--unlabelled-teacher", action="store_true",
+      help="also distil on faces without identity (WIDER FACE boxes and the clip's tracked faces "
+           "at least 48 px tall, `facewatch teacher-cache --unlabelled`); ArcFace ignores them. "
+           "Needs --teacher dlib")
+    a("--unlabelled-share", type=float, default=0.25,
+      help="at most this fraction of an epoch's images are unlabelled faces")
+    a("--unlabelled-max-images", type=int, default=None,
+      help="unlabelled faces from this many WIDER images only (tests)")
+    a("--unlabelled-max-frames", type=int, default=None,
+      help="unlabelled faces from the clip's first N frames only (tests)")
     a("--detector", type=Path, default=DEFAULT_DETECTOR,
       help="face detector ONNX for the crop boxes (centre box when the file does not exist)")
     a("--detector-imgsz", type=int, default=DETECTOR_IMGSZ)
@@ -154,18 +167,26 @@ def _prepare_data(args) -> dict:
     label_of = {n: i for i, n in enumerate(train_names)}
     rows = [(cache.index[(n, i)], label_of[n]) for n in train_names for i in people[n]]
     train_rows = np.array([r for r, _ in rows])
-    teacher_vectors = None
+    train_crops = cache.crops[train_rows]
+    train_labels = np.array([lab for _, lab in rows], np.int32)
+    teacher_vectors, unlabelled = None, None
     if args.teacher == "dlib":
         from training.teacher_cache import centred
 
-        teacher_vectors = centred(teacher.embeddings[[teacher.index[(n, i)] for n in train_names
-                                                      for i in people[n]]])
+        vectors = teacher.embeddings[[teacher.index[(n, i)] for n in train_names for i in people[n]]]
+        mean = vectors.mean(axis=0)
+        teacher_vectors = centred(vectors, mean)
+        if args.unlabelled_teacher:
+            crops, more_vectors, unlabelled = _unlabelled_data(args, spec, mean)
+            train_crops = np.concatenate([train_crops, crops])
+            train_labels = np.concatenate([train_labels, np.full(len(crops), -1, np.int32)])
+            teacher_vectors = np.concatenate([teacher_vectors, more_vectors])
     return {
         "teacher": teacher_vectors,
         "crop_spec": spec,
         "images": images,
-        "train_crops": cache.crops[train_rows],
-        "train_labels": np.array([lab for _, lab in rows], np.int32),
+        "train_crops": train_crops,
+        "train_labels": train_labels,
         "num_classes": len(train_names),
         "val_keys": val_keys,
         "val_crops": cache.crops[[cache.index[k] for k in val_keys]],
@@ -176,15 +197,54 @@ def _prepare_data(args) -> dict:
                   "val_pairs": len(pairs), "split_file": "training/splits/lfw_split.json",
                   "boxes_from": cache.boxes_from, "centre_box_fallbacks": cache.fallbacks,
                   "aligned_on_landmarks": cache.aligned,
-                  "teacher": "dlib_face_recognition_resnet_model_v1" if args.teacher == "dlib" else None},
+                  "teacher": "dlib_face_recognition_resnet_model_v1" if args.teacher == "dlib" else None,
+                  "unlabelled": unlabelled},
     }
+
+
+def _unlabelled_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Crops and teacher vectors of the faces without identity (`training.unlabelled_teacher`),
+    centred with the LFW training faces' mean so both sets live in one space. Faces whose dlib
+    landmarks are implausible are left out: dlib's vector then describes a misaligned chip."""
+    from training.embedder_data import load_unlabelled_crops
+    from training.teacher_cache import centred
+    from training.unlabelled_teacher import load_unlabelled_faces
+
+    faces = load_unlabelled_faces(detector=args.detector, max_images=args.unlabelled_max_images,
+                                  max_frames=args.unlabelled_max_frames)
+    crops, _ = load_unlabelled_crops(faces, spec)
+    keep = np.flatnonzero(faces.plausible)
+    kinds = faces.kinds()[keep]
+    report = {"widerface": int((kinds == "widerface").sum()), "clip": int((kinds == "clip").sum()),
+              "implausible_left_out": len(faces) - len(keep), "cache": faces.key,
+              "min_face_px": faces.report["min_face_px"]}
+    return crops[keep], centred(faces.embeddings[keep], mean), report
+
+
+def _check_unlabelled(args) -> None:
+    """Refuse --unlabelled-teacher where it cannot work, before any data is prepared."""
+    if not args.unlabelled_teacher:
+        return
+    if args.teacher != "dlib":
+        raise ValueError("--unlabelled-teacher needs --teacher dlib: faces without identity "
+                         "train the distillation loss only")
+    if args.loss != "arcface":
+        raise ValueError(f"--unlabelled-teacher works with --loss arcface only: the {args.loss} "
+                         f"loss would take every unlabelled face for one identity")
+    if args.alignment == "five_point" and args.landmarks != "dlib":
+        raise ValueError("--unlabelled-teacher with --alignment five_point needs --landmarks dlib: "
+                         "the unlabelled faces carry dlib's landmarks only")
+    if not 0.0 <= args.unlabelled_share < 1.0:
+        raise ValueError(f"--unlabelled-share must be in [0, 1), got {args.unlabelled_share}")
 
 
 def _batches(args, data):
     common = dict(batch_size=args.batch, seed=args.seed, workers=args.workers,
                   use_multiprocessing=False, teacher=data["teacher"])
     if args.loss == "arcface":
-        return ShuffledBatches(data["train_crops"], data["train_labels"], **common)
+        share = args.unlabelled_share if args.unlabelled_teacher else None
+        return ShuffledBatches(data["train_crops"], data["train_labels"],
+                               max_unlabelled_share=share, **common)
     return IdentityBatches(data["train_crops"], data["train_labels"],
                            per_identity=args.per_identity, **common)
 
@@ -305,6 +365,7 @@ def train(args: argparse.Namespace) -> Path:
     elif state_file.is_file():
         raise ValueError(f"run {run_dir} already exists: pass --resume to continue it or "
                          f"--out to start another")
+    _check_unlabelled(args)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     data = _prepare_data(args)
@@ -315,9 +376,14 @@ def train(args: argparse.Namespace) -> Path:
               f"{state['elapsed_s'] / 60:.1f} min trained", flush=True)
     batches = _batches(args, data)
     steps = min(len(batches), args.steps_per_epoch or len(batches))
+    unlabelled = data["split"]["unlabelled"]
+    if unlabelled is not None:
+        unlabelled["per_epoch"] = int(batches.unlabelled_per_epoch)
     print(f"{args.backbone} ({trainer.embedder.count_params():,} parameters), loss {args.loss}, "
-          f"{data['split']['train_images']} training images of {data['num_classes']} identities, "
-          f"{data['split']['val_pairs']} validation pairs; {steps} steps/epoch of {args.batch}",
+          f"{data['split']['train_images']} training images of {data['num_classes']} identities"
+          + (f" + {unlabelled['per_epoch']} of {unlabelled['widerface'] + unlabelled['clip']} "
+             f"unlabelled faces an epoch" if unlabelled else "")
+          + f", {data['split']['val_pairs']} validation pairs; {steps} steps/epoch of {args.batch}",
           flush=True)
     schedule = make_schedule_callback(args, steps, state)
     verbose = 1 if sys.stdout.isatty() else 2
