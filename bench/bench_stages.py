@@ -136,6 +136,8 @@ def build_candidates(args, cfg, video: Path, echo: EchoLink) -> tuple[dict, dict
     """name -> (fn, items per call), and facts about them (sizes, batch, dims)."""
     from stages.face_crop import crop_faces
     from stages.face_detector import FaceDetector
+    from stages.face_landmarks import LandmarkModel, landmarks_to_run
+    from stages.detections import Detections
     from stages.face_embedder import FaceEmbedder
     from stages.matcher import Matcher
     from stages.messages import FaceCrops, VideoFrame
@@ -168,6 +170,12 @@ def build_candidates(args, cfg, video: Path, echo: EchoLink) -> tuple[dict, dict
 
     emb = FaceEmbedder(mc.embedder, mc.providers, mc.threads)
     found = daemon_det.detect(frames)
+    landmarks_file = landmarks_to_run(emb.crop_spec.alignment, mc.landmarks)
+    if landmarks_file is not None:   # its cost is part of detect in the daemon; timed alone here
+        marker = LandmarkModel(landmarks_file, mc.providers, mc.threads)
+        found = [Detections(d.boxes, d.scores, marker.predict(f, d.boxes)) for f, d in zip(frames, found)]
+        cands["landmarks_per_face"] = (lambda: [marker.predict(f, d.boxes) for f, d in zip(frames, found)],
+                                       max(1, sum(len(d) for d in found)))
     crops = np.concatenate([crop_faces(f, d.boxes, emb.crop_spec, d.landmarks)[0]
                             for f, d in zip(frames, found)])
     if not len(crops):   # no faces found: random crops time the same

@@ -28,17 +28,16 @@ class NaiveLoop:
 
     def __init__(self, cfg, gallery: np.ndarray | None = None):
         from stages.embed_stage import read_embedder_info
-        from stages.face_detector import FaceDetector
+        from stages.face_detector import detector_from_config
         from stages.face_embedder import FaceEmbedder
         from stages.tracking import tracker_args
 
         m, d = cfg.models, cfg.detect
         self.cfg = cfg
-        self.detector = FaceDetector(m.detector, m.providers, m.detector_conf, m.detector_iou,
-                                     m.detector_imgsz, m.threads)
-        self.embedder = FaceEmbedder(m.embedder, m.providers, m.threads)
         info = read_embedder_info(m.embedder)
         self.crop_spec = info.crop_spec(d.crop_size, d.crop_scale)
+        self.detector = detector_from_config(m, self.crop_spec.alignment)
+        self.embedder = FaceEmbedder(m.embedder, m.providers, m.threads)
         self.threshold = cfg.match.threshold if cfg.match.threshold is not None else info.threshold
         self._tracker_args = tracker_args(d.tracker, d)
         self.gallery = (gallery if gallery is not None else

@@ -152,6 +152,9 @@ class CaptureConfig(Section):
 class ModelsConfig(Section):
     detector: Path = Path("models/face_detector.onnx")
     embedder: Path = Path("models/face_embedder.onnx")
+    # Five landmarks per face for an embedder that aligns on them; null: the detector's own
+    # keypoints, if it has any, else the box fallback (counted in facewatch_alignment_fallbacks).
+    landmarks: Path | None = Path("models/face_landmarks.onnx")
     providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider",
                                                           "CPUExecutionProvider"], min_length=1)
     threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = auto")
@@ -159,7 +162,7 @@ class ModelsConfig(Section):
     detector_iou: float = Field(0.5, gt=0, lt=1)
     detector_imgsz: int | None = Field(None, ge=32, le=4096, description="null: from the model")
 
-    @field_validator("detector", "embedder")
+    @field_validator("detector", "embedder", "landmarks")
     @classmethod
     def _relative_to_config(cls, v, info: ValidationInfo):
         return _resolve(v, info)
@@ -498,8 +501,9 @@ def problems(cfg: FacewatchConfig) -> list[str]:
         for var in _ENV_REF.findall(cam.uri):
             if var not in os.environ:
                 out.append(f"cameras[{i}].uri: environment variable {var} is not set here")
-    for what, p in (("models.detector", cfg.models.detector), ("models.embedder", cfg.models.embedder)):
-        if not p.is_file():
+    for what, p in (("models.detector", cfg.models.detector), ("models.embedder", cfg.models.embedder),
+                    ("models.landmarks", cfg.models.landmarks)):
+        if p is not None and not p.is_file():
             out.append(f"{what}: file not found: {p}")
     for i, cam in enumerate(cfg.cameras):
         if cam.kind == "file" and not Path(cam.uri).is_file() and not _ENV_REF.search(cam.uri):

@@ -91,7 +91,8 @@ def enroll_all(gallery_path: Path, people: dict[str, list[Path]], models: Path) 
     from daemon.enrollment import enroll_images
     from stages.gallery import Gallery
 
-    detector, embedder = load_models(models / "face_detector.onnx", models / "face_embedder.onnx")
+    detector, embedder = load_models(models / "face_detector.onnx", models / "face_embedder.onnx",
+                                     models / "face_landmarks.onnx")
     with Gallery(gallery_path) as gallery:
         for name, photos in people.items():
             try:
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     enroll_all(gallery, people, args.models)
 
     config = file_config(video, "demo", args.models / "face_detector.onnx",
-                         args.models / "face_embedder.onnx", gallery, workdir / "events.jsonl")
+                         args.models / "face_embedder.onnx", gallery, workdir / "events.jsonl",
+                         landmarks=args.models / "face_landmarks.onnx")
     counts: dict = {}
     code = run_daemon(config, workdir / "config.yaml", args.timeout,
                       on_event=lambda event: print_event(event, counts))

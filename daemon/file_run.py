@@ -28,24 +28,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load_models(detector: Path, embedder: Path):
+def load_models(detector: Path, embedder: Path, landmarks: Path | None = None):
     """(FaceDetector, FaceEmbedder) on the CPU, as `facewatch enroll --cpu` opens them."""
     from stages.face_detector import FaceDetector
     from stages.face_embedder import FaceEmbedder
+    from stages.face_landmarks import landmarks_to_run
 
-    return (FaceDetector(detector, providers=["CPUExecutionProvider"]),
-            FaceEmbedder(embedder, providers=["CPUExecutionProvider"]))
+    cpu = ["CPUExecutionProvider"]
+    face_embedder = FaceEmbedder(embedder, providers=cpu)
+    return (FaceDetector(detector, providers=cpu,
+                         landmarks=landmarks_to_run(face_embedder.crop_spec.alignment, landmarks)),
+            face_embedder)
 
 
 def file_config(video: Path, camera: str, detector: Path, embedder: Path, gallery: Path,
                 event_log: Path, realtime: bool | None = None,
-                models_extra: dict | None = None) -> dict:
+                models_extra: dict | None = None, landmarks: Path | None = None) -> dict:
     """Config for one video file that does not loop; `realtime` None keeps the schema's default."""
     cam = {"name": camera, "uri": str(video), "loop": False}
     if realtime is not None:
         cam["realtime"] = realtime
     return {"cameras": [cam],
             "models": {"detector": str(detector), "embedder": str(embedder),
+                       "landmarks": None if landmarks is None else str(landmarks),
                        **(models_extra or {})},
             "gallery": {"path": str(gallery)},
             "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "event_log": str(event_log)},

@@ -20,6 +20,9 @@ def add_enroll_arguments(p: argparse.ArgumentParser) -> None:
                    help="face detector ONNX (default: the repository's models/)")
     p.add_argument("--embedder", type=Path, default=MODELS_DIR / "face_embedder.onnx",
                    help="face embedder ONNX; the gallery records which file made its embeddings")
+    p.add_argument("--landmarks", type=Path, default=MODELS_DIR / "face_landmarks.onnx",
+                   help="landmark model ONNX, used when the embedder aligns faces on five points "
+                        "(as models.landmarks in the daemon's config)")
     p.add_argument("--cpu", action="store_true", help="use the CPU even where CUDA is available")
 
 
@@ -28,14 +31,17 @@ def run_enroll(args: argparse.Namespace) -> int:
     from daemon.enrollment import prepare, store
     from stages.face_detector import FaceDetector
     from stages.face_embedder import FaceEmbedder
+    from stages.face_landmarks import landmarks_to_run
     from stages.onnx_session import DEFAULT_PROVIDERS
 
     check_name(args.name)
     if args.gallery.exists():  # a damaged gallery fails now, not after the slow part
         Gallery(args.gallery, create=False).close()
     providers = ("CPUExecutionProvider",) if args.cpu else DEFAULT_PROVIDERS
-    detector = FaceDetector(args.detector, providers=providers)
     embedder = FaceEmbedder(args.embedder, providers=providers)
+    # The daemon's detect stage crops the same way (stages.face_detector.detector_from_config).
+    detector = FaceDetector(args.detector, providers=providers,
+                            landmarks=landmarks_to_run(embedder.crop_spec.alignment, args.landmarks))
     model_id = file_model_id(args.embedder)
     samples, embeddings = prepare(args.images, detector, embedder)
     # Opened (and, for a new gallery, created) only once every photo passed.

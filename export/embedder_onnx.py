@@ -17,25 +17,18 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
-import contextlib
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from export.keras_onnx import OPSET, ExportError, convert, save_verified
 from stages.face_crop import DEFAULT_CROP_SCALE
 
 log = logging.getLogger("facewatch.export_embedder")
 
-OPSET = 17
 MAX_ABS_DIFF = 1e-4
-INPUT_NAME = "image"
-
-
-class ExportError(ValueError):
-    """The converted model does not reproduce the Keras model."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,60 +69,6 @@ def load_keras_embedder(path: Path):
     return model
 
 
-@contextlib.contextmanager
-def _conversion_patches():
-    """STACK.md: make keras.applications ConvNeXt convertible; no effect on our small model."""
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import nn as keras_tf_nn
-    from tf2onnx import utils as tf2onnx_utils
-    from tf2onnx.handler import tf_op
-
-    original_conv = keras_tf_nn.conv
-
-    def plain_conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
-        # Keras runs grouped convolutions inside a jit-compiled function tf2onnx cannot inline.
-        data_format = "NHWC" if (data_format or "channels_last") == "channels_last" else "NCHW"
-        return tf.nn.convolution(inputs, kernel, strides=strides, padding=padding.upper(),
-                                 data_format=data_format, dilations=dilation_rate)
-
-    if "Erfc" not in _registered_ops():
-        @tf_op("Erfc")
-        class Erfc:  # noqa: F841  registered by the decorator
-            @classmethod
-            def version_9(cls, ctx, node, **kwargs):
-                source, output = node.input[0], node.output[0]
-                shape, dtype = ctx.get_shape(output), ctx.get_dtype(output)
-                one = ctx.make_const(tf2onnx_utils.make_name("one"), np.array(1.0, np.float32))
-                erf = ctx.make_node("Erf", [source], shapes=[shape], dtypes=[dtype])
-                ctx.remove_node(node.name)
-                ctx.make_node("Sub", [one.output[0], erf.output[0]], outputs=[output],
-                              name=node.name, shapes=[shape], dtypes=[dtype])
-
-    keras_tf_nn.conv = plain_conv
-    try:
-        yield
-    finally:
-        keras_tf_nn.conv = original_conv
-
-
-def _registered_ops() -> set[str]:
-    from tf2onnx.handler import tf_op
-
-    return {name for opset in tf_op._OPSETS.values() for version in opset for name in version}
-
-
-def convert(model, input_size: int):
-    """ONNX ModelProto of `model` with a dynamic batch axis."""
-    import tensorflow as tf
-    import tf2onnx
-
-    spec = [tf.TensorSpec((None, input_size, input_size, 3), tf.float32, name=INPUT_NAME)]
-    with _conversion_patches():
-        function = tf.function(lambda x: {"embedding": model(x, training=False)})
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=spec, opset=OPSET)
-    return proto
-
-
 def sample_inputs(input_size: int, count: int = 4) -> np.ndarray:
     """Face-like test inputs: real LFW crops when the data is here, else smooth random images."""
     from training.lfw import default_images_dir
@@ -151,25 +90,6 @@ def sample_inputs(input_size: int, count: int = 4) -> np.ndarray:
 
     small = rng.uniform(0, 255, (count, 8, 8, 3)).astype(np.float32)
     return np.stack([cv2.resize(s, (input_size, input_size)) for s in small])
-
-
-def verify(onnx_path: Path, model, inputs: np.ndarray, max_abs_diff: float) -> float:
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
-        raise ExportError(f"export refused: onnxruntime cannot load the converted model: "
-                          f"{str(exc).splitlines()[0][:400]}") from exc
-    got = session.run(None, {session.get_inputs()[0].name: inputs})[0]
-    want = np.asarray(model.predict(inputs, verbose=0))
-    if got.shape != want.shape:
-        raise ExportError(f"{onnx_path}: ONNX output shape {got.shape} != Keras {want.shape}")
-    diff = float(np.max(np.abs(got - want)))
-    if not diff <= max_abs_diff:
-        raise ExportError(f"export refused: ONNX and Keras outputs differ by {diff:.3g} "
-                          f"(> {max_abs_diff:g}); the converted graph is wrong")
-    return diff
 
 
 def build_metadata(model, summary: dict, threshold: float | None) -> dict[str, str]:
@@ -207,23 +127,13 @@ def build_metadata(model, summary: dict, threshold: float | None) -> dict[str, s
 
 def export_embedder(model_path: Path, out: Path, summary: dict | None = None,
                     threshold: float | None = None, max_abs_diff: float = MAX_ABS_DIFF) -> dict:
-    import onnx
-
     model = load_keras_embedder(model_path)
     input_size = int(model.input_shape[1])
-    proto = convert(model, input_size)
+    proto = convert(model, input_size, "embedding")
     for key, value in build_metadata(model, summary or {}, threshold).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "facewatch export-embedder"
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Verify a temporary file; only a verified model replaces --out.
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        candidate = Path(tmp) / out.name
-        onnx.save(proto, candidate)
-        diff = verify(candidate, model, sample_inputs(input_size), max_abs_diff)
-        batch_diff = verify(candidate, model, sample_inputs(input_size, 1), max_abs_diff)
-        candidate.replace(out)
-    return {"onnx": str(out), "max_abs_diff": max(diff, batch_diff), "opset": OPSET,
-            "bytes": out.stat().st_size}
+    diff = save_verified(proto, Path(out), model, [sample_inputs(input_size), sample_inputs(input_size, 1)],
+                         max_abs_diff)
+    return {"onnx": str(out), "max_abs_diff": diff, "opset": OPSET, "bytes": Path(out).stat().st_size}

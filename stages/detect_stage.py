@@ -36,19 +36,20 @@ class DetectStage(BatchingStage):
 
     def setup(self) -> None:
         from stages.embed_stage import read_embedder_info
-        from stages.face_detector import FaceDetector
+        from stages.face_detector import detector_from_config
         from stages.tracking import tracker_args
 
         m = self.cfg.models
-        self.detector = FaceDetector(m.detector, m.providers, m.detector_conf, m.detector_iou,
-                                     m.detector_imgsz, m.threads)
-        self.metrics.execution_provider.labels("detect", self.detector.provider).set(1)
         info = read_embedder_info(m.embedder)   # crop exactly as the embedder was trained
         self.crop_spec = info.crop_spec(self.dcfg.crop_size, self.dcfg.crop_scale)
+        self.detector = detector_from_config(m, self.crop_spec.alignment)
+        self.metrics.execution_provider.labels("detect", self.detector.provider).set(1)
         self._tracker_args = tracker_args(self.dcfg.tracker, self.dcfg)
-        self.log.info("detector %s on %s (%d px), %s tracking, crops %d px, %s alignment",
+        landmark_model = self.detector.landmark_model
+        self.log.info("detector %s on %s (%d px), %s tracking, crops %d px, %s alignment%s",
                       m.detector, self.detector.provider, self.detector.imgsz,
-                      self.dcfg.tracker, self.crop_spec.size, self.crop_spec.alignment)
+                      self.dcfg.tracker, self.crop_spec.size, self.crop_spec.alignment,
+                      f" on landmarks from {landmark_model.path}" if landmark_model else "")
 
     def on_lost(self, msg: Message, count: int) -> None:
         self.metrics.frames_dropped.labels(msg.camera, "lost").inc(count)

@@ -67,15 +67,21 @@ def _warp(frame: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def crop_face(frame: np.ndarray, box, size: int = DEFAULT_CROP_SIZE,
-              scale: float = DEFAULT_CROP_SCALE) -> np.ndarray:
-    """The `box` alignment: a `size` x `size` x 3 uint8 square crop around the box."""
-    x1, y1, x2, y2 = _check(frame, box)
+def box_crop_matrix(box, size: int, scale: float) -> np.ndarray:
+    """2x3 affine map from frame pixels to the square `size` crop whose side is `scale` times the
+    box's longer side, centred on the box."""
+    x1, y1, x2, y2 = (float(v) for v in box)
     side = max(x2 - x1, y2 - y1) * scale
     cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
     k = size / side
-    matrix = np.array([[k, 0.0, size / 2.0 - k * cx], [0.0, k, size / 2.0 - k * cy]], np.float32)
-    return _warp(frame, matrix, size)
+    return np.array([[k, 0.0, size / 2.0 - k * cx], [0.0, k, size / 2.0 - k * cy]], np.float32)
+
+
+def crop_face(frame: np.ndarray, box, size: int = DEFAULT_CROP_SIZE,
+              scale: float = DEFAULT_CROP_SCALE) -> np.ndarray:
+    """The `box` alignment: a `size` x `size` x 3 uint8 square crop around the box."""
+    _check(frame, box)
+    return _warp(frame, box_crop_matrix(box, size, scale), size)
 
 
 def box_landmarks(box) -> np.ndarray:

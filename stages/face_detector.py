@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from stages.detections import Detections
+from stages.face_landmarks import LandmarkModel, landmarks_to_run
 from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 log = logging.getLogger("facewatch.detector")
@@ -57,8 +58,12 @@ def batch_shape(frames: list[np.ndarray], size: int, stride: int) -> tuple[int, 
 class FaceDetector:
     def __init__(self, model_path, providers=DEFAULT_PROVIDERS, conf_threshold: float = 0.35,
                  iou_threshold: float = 0.5, imgsz: int | None = None, threads: int = 0,
-                 max_detections: int = 300):
+                 max_detections: int = 300, landmarks=None):
         self.session = load_session(model_path, providers, threads, what="face detector")
+        # A landmark model (stages.face_landmarks), when given, places every face's five points
+        # from its box; it replaces the detector's own keypoints, if the file has any.
+        self.landmark_model = (None if landmarks is None
+                               else LandmarkModel(landmarks, providers, threads))
         self.meta = metadata(self.session)
         self._check_model(model_path)
         self.input_name = self.session.get_inputs()[0].name
@@ -73,6 +78,11 @@ class FaceDetector:
         self.provider = self.session.get_providers()[0]
         # A fixed-shape export only accepts size x size; a dynamic one takes the tighter rectangle.
         self.dynamic_shape = not all(isinstance(d, int) for d in self.session.get_inputs()[0].shape[2:])
+
+    @property
+    def gives_landmarks(self) -> bool:
+        """Detections carry landmarks: the model's own keypoints or the landmark model's."""
+        return self.has_landmarks or self.landmark_model is not None
 
     def _check_model(self, path) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -158,4 +168,16 @@ class FaceDetector:
             return []
         batch, geometry = self.preprocess(frames)
         output = self.session.run(None, {self.input_name: batch})[0]
-        return self.decode(output, geometry)
+        results = self.decode(output, geometry)
+        if self.landmark_model is not None:
+            results = [Detections(d.boxes, d.scores, self.landmark_model.predict(f, d.boxes))
+                       for f, d in zip(frames, results)]
+        return results
+
+
+def detector_from_config(models, crop_alignment: str) -> FaceDetector:
+    """The detector as the daemon runs it from its `models` config section: thresholds, size,
+    threads, and the landmark model when the embedder aligns on five points."""
+    return FaceDetector(models.detector, models.providers, models.detector_conf, models.detector_iou,
+                        models.detector_imgsz, models.threads,
+                        landmarks=landmarks_to_run(crop_alignment, models.landmarks))

@@ -85,7 +85,7 @@ def test_face_embedder_reads_metadata_and_returns_unit_vectors(exported):
 
 
 def test_export_refuses_a_model_that_does_not_match(exported):
-    from export.embedder_onnx import ExportError, verify
+    from export.keras_onnx import ExportError, verify
     from training.embedder_model import build_embedder
 
     _, onnx_path, _ = exported

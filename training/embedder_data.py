@@ -62,21 +62,24 @@ class FaceBoxer:
     """Boxes for images, exactly as evaluation and the cache compute them."""
 
     def __init__(self, detector_path: Path | None, imgsz: int | None = DETECTOR_IMGSZ,
-                 conf_threshold: float = 0.35):
+                 conf_threshold: float = 0.35, landmarks: Path | None = None):
         self.detector = None
         self.detector_path = detector_path
         if detector_path is not None and Path(detector_path).is_file():
             from stages.face_detector import FaceDetector
 
             self.detector = FaceDetector(detector_path, providers=("CPUExecutionProvider",),
-                                         conf_threshold=conf_threshold, imgsz=imgsz)
+                                         conf_threshold=conf_threshold, imgsz=imgsz,
+                                         landmarks=landmarks)
         self.fallbacks = 0
 
     @property
     def description(self) -> str:
         if self.detector is None:
             return "fixed LFW centre box (no detector)"
-        return f"{Path(self.detector_path).name} at imgsz {self.detector.imgsz}, centre-box fallback"
+        marker = self.detector.landmark_model
+        return (f"{Path(self.detector_path).name} at imgsz {self.detector.imgsz}, centre-box fallback"
+                + (f", landmarks from {Path(marker.path).name}" if marker is not None else ""))
 
     def boxes(self, frames: list[np.ndarray]) -> list[np.ndarray]:
         return [box for box, _ in self.faces(frames)]

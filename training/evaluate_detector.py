@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imgsz", type=int, default=None, help="inference size (default: model's)")
     parser.add_argument("--limit", type=int, default=None, help="score the first N images only")
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
+    parser.add_argument("--landmarks", type=Path, default=None,
+                        help="landmark model ONNX run on the detected boxes (replaces the detector's "
+                             "own keypoints), as the daemon runs it")
     parser.add_argument("--no-landmarks", action="store_true",
                         help="skip the landmark error (needs the WIDER labels/ beside --images and dlib)")
 
@@ -102,7 +105,7 @@ def evaluate_detector(detector: FaceDetector, records, images_dir: Path, labels=
               "images": len(per_image), "unreadable_images": len(missing),
               "faces": everything["faces"], "faces_large": large["faces"]}
     if labels is not None:
-        result.update(landmark_summary(detector.has_landmarks, nme, nme_prior, matched_heights,
+        result.update(landmark_summary(detector.gives_landmarks, nme, nme_prior, matched_heights,
                                        labelled_heights))
     return result
 
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.images.is_dir():
         raise FileNotFoundError(f"images folder not found: {args.images}")
     detector = FaceDetector(args.model, providers=args.providers, conf_threshold=EVAL_CONF,
-                            imgsz=args.imgsz)
+                            imgsz=args.imgsz, landmarks=args.landmarks)
     records = select_records(args.gt, args.split, args.limit)
     labels = None
     if (args.images.parent / "labels").is_dir() and not args.no_landmarks:
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         for suffix, band in (("", "all faces"), ("_large", f"faces >= {LARGE_FACE_PX} px")):
             print(f"landmarks, {band}: {result['landmark_faces' + suffix]} matched of "
                   f"{result['landmark_faces_labelled' + suffix]} with visible pseudo-labels (IoU >= 0.5)")
-            if detector.has_landmarks and result["nme" + suffix] is not None:
+            if detector.gives_landmarks and result["nme" + suffix] is not None:
                 print(f"  NME (inter-ocular)     {result['nme' + suffix]:.4f} mean, "
                       f"{result['nme_median' + suffix]:.4f} median, "
                       f"{result['nme_under_0_1' + suffix]:.3f} of faces under 0.1")

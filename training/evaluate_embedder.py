@@ -131,6 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"folder-per-identity images (default {default_images_dir()})")
     parser.add_argument("--detector", type=Path, default=DEFAULT_DETECTOR,
                         help="face detector ONNX; without it, faces are cropped with the centre box")
+    parser.add_argument("--landmarks", default=str(DEFAULT_DETECTOR.parent / "face_landmarks.onnx"),
+                        help="landmark model for an embedder that aligns on five points, as the "
+                             "daemon runs it; 'none': the detector's own keypoints or the box fallback")
     parser.add_argument("--detector-imgsz", type=int, default=DETECTOR_IMGSZ,
                         help="detector input size (same default as the training crop cache)")
     parser.add_argument("--roc-png", type=Path, default=None, help="write the ROC curve here")
@@ -160,7 +163,11 @@ def run(args: argparse.Namespace) -> int:
     detector = args.detector if args.detector and Path(args.detector).is_file() else None
     if args.detector and detector is None:
         log.warning("detector %s not found: cropping with the fixed centre box", args.detector)
-    boxer = FaceBoxer(detector, args.detector_imgsz)
+    from stages.face_landmarks import landmarks_to_run
+
+    landmarks = None if str(args.landmarks).lower() == "none" else Path(args.landmarks)
+    boxer = FaceBoxer(detector, args.detector_imgsz,
+                      landmarks=landmarks_to_run(embedder.crop_spec.alignment, landmarks))
     report = evaluate_pairs(embedder, pairs, folds, images, boxer, args.roc_png)
     print(f"pairs: {report['pairs']} ({len(set(folds))} folds), images: {report['images']}, "
           f"boxes: {report['boxes_from']}, centre-box fallbacks: {report['centre_box_fallbacks']}, "

@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: $FACEWATCH_DATA/lfw/lfw-deepfunneled)")
     parser.add_argument("--detector", type=Path, default=MODELS_DIR / "face_detector.onnx")
     parser.add_argument("--embedder", type=Path, default=MODELS_DIR / "face_embedder.onnx")
+    parser.add_argument("--landmarks", type=Path, default=MODELS_DIR / "face_landmarks.onnx",
+                        help="landmark model, for an embedder that aligns on five points")
     parser.add_argument("--enrolled", type=int, default=None,
                         help=f"people enrolled from one photo (default {DEFAULTS['enrolled']})")
     parser.add_argument("--unknown", type=int, default=None,
@@ -348,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{k.replace('_', '-')} must be at least {least}, got {v}")
     # Absolute: the daemon runs with the work folder as its base, not our working directory.
     args.detector, args.embedder = Path(args.detector).resolve(), Path(args.embedder).resolve()
+    args.landmarks = Path(args.landmarks).resolve()
     for model in (args.detector, args.embedder):
         if not model.is_file():
             raise FileNotFoundError(f"model not found: {model}")
@@ -361,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
     gallery = workdir / "gallery.db"
     for stale in workdir.glob("gallery.db*"):
         stale.unlink()
-    detector, embedder = load_models(args.detector, args.embedder)
+    detector, embedder = load_models(args.detector, args.embedder, args.landmarks)
     enrolled, refused = enroll_people(gallery, candidates, sizes["enrolled"], images,
                                       people_photos, sizes["per_person"], detector, embedder)
     del detector, embedder
@@ -380,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
     models_extra = {} if args.detector_imgsz is None else {"detector_imgsz": args.detector_imgsz}
     config = file_config(video, "oneshot", args.detector, args.embedder, gallery,
                          workdir / "events.jsonl", realtime=args.realtime,
-                         models_extra=models_extra)
+                         models_extra=models_extra, landmarks=args.landmarks)
     if args.threshold is not None:
         config["match"] = {"threshold": args.threshold}
     started = time.monotonic()
@@ -395,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
               "realtime": args.realtime, "detector_imgsz": args.detector_imgsz, "seed": args.seed,
               "daemon_exit": code, "daemon_wall_s": round(wall, 1),
               "detector": str(args.detector), "detector_sha256": file_sha256(args.detector),
-              "embedder": str(args.embedder), "embedder_sha256": file_sha256(args.embedder)}
+              "embedder": str(args.embedder), "embedder_sha256": file_sha256(args.embedder),
+              "landmarks": str(args.landmarks) if args.landmarks.is_file() else None}
     line = json.dumps(result)
     (workdir / "result.json").write_text(line + "\n")
     print(line, flush=True)
