@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-embedder": ("export.embedder_onnx", "export an embedder checkpoint to ONNX"),
     "evaluate-embedder": ("training.evaluate_embedder", "verification metrics on LFW-format pairs"),
     "evaluate-oneshot": ("training.oneshot_scenario", "score one-shot recognition on a generated video"),
-    "teacher-cache": ("training.teacher_cache", "dlib landmarks and teacher embeddings for LFW"),
+    "teacher-cache": ("training.teacher_cache", "dlib landmarks and teacher embeddings (LFW; --unlabelled: WIDER and clip faces)"),
     "train-landmarks": ("training.train_landmarks", "train the five-point landmark model"),
     "export-landmarks": ("export.landmarks_onnx", "export a landmark checkpoint to ONNX"),
 }

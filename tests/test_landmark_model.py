@@ -226,3 +226,29 @@ def test_train_export_and_run(tmp_path, monkeypatch, data_dir):
     frame = cv2.imread(str(next(LFW.glob("*/*_0001.jpg"))))
     points = model.predict(frame, np.array([[70, 60, 180, 190]], np.float32))
     assert points.shape == (1, 5, 2) and np.isfinite(points).all()
+
+
+@needs_model
+def test_the_daemons_detector_runs_the_configured_model_only_for_aligning_embedders(tmp_path, val_faces):
+    """`models.landmarks` in a real config file, relative to it; the detector the daemon builds
+    from it fills every detection's landmarks (near dlib's) for a five-point embedder, and
+    loads nothing for a box-crop one."""
+    from daemon.config import load_config
+    from stages.face_detector import detector_from_config
+
+    (tmp_path / "m").symlink_to(MODELS.resolve(), target_is_directory=True)
+    config = tmp_path / "config.yaml"
+    config.write_text("cameras: [{name: cam, uri: /dev/null}]\n"
+                      "models: {detector: m/face_detector.onnx, embedder: m/face_embedder.onnx, "
+                      "landmarks: m/face_landmarks.onnx, detector_imgsz: 160, "
+                      "providers: [CPUExecutionProvider]}\n")
+    models = load_config(config).models
+    assert models.landmarks == (tmp_path / "m" / "face_landmarks.onnx").resolve()
+    assert detector_from_config(models, "box").landmark_model is None
+    detector = detector_from_config(models, "five_point")
+    nme = []
+    for frame, _, label in val_faces[:10]:
+        det = detector.detect([frame])[0]
+        assert det.landmarks is not None and det.landmarks.shape == (len(det), 5, 2)
+        nme.append(landmark_nme(det.landmarks[np.argmax(det.scores)][None], label[None])[0])
+    assert np.median(nme) < 0.12, nme

@@ -48,7 +48,6 @@ class KerasEmbedder:
         self.model = model
         self.input_size = int(model.input_shape[1])
         self.crop_spec = crop_spec or CropSpec(self.input_size)
-        self.crop_scale = self.crop_spec.scale
         self.flip_average = flip_average
         self.batch_size = batch_size
 
