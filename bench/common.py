@@ -86,6 +86,8 @@ def config_sections(args, detector: Path, embedder: Path) -> dict[str, dict]:
     and every --set override (values parsed as YAML scalars)."""
     sections: dict[str, dict] = {"models": {
         "detector": str(detector), "embedder": str(embedder),
+        # beside the embedder; run only for an embedder that aligns on five points
+        "landmarks": str(Path(embedder).parent / "face_landmarks.onnx"),
         "providers": list(args.providers), "threads": args.threads}}
     for item in getattr(args, "set", None) or []:
         key, sep, value = item.partition("=")

@@ -10,13 +10,13 @@ import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from daemon.file_run import file_config, load_models, run_daemon
+from stages.embed_stage import read_embedder_info
 from training.paths import REPO_ROOT, runs_dir, shared_data_dir
 
 log = logging.getLogger("facewatch.demo")
@@ -125,6 +125,15 @@ def run(args: argparse.Namespace) -> int:
     config = file_config(video, "demo", args.models / "face_detector.onnx",
                          args.models / "face_embedder.onnx", gallery, workdir / "events.jsonl",
                          landmarks=args.models / "face_landmarks.onnx")
+    # The model's default threshold is its FAR 1e-3 point, made for galleries of many people (a
+    # stranger is compared with every entry). Six people enrolled from one or two photos each
+    # are shown at the model's best pair-accuracy threshold instead, and the demo says so.
+    info = read_embedder_info(args.models / "face_embedder.onnx")
+    if info.pair_accuracy_threshold is not None:
+        config["match"] = {"threshold": info.pair_accuracy_threshold}
+        print(f"match threshold {info.pair_accuracy_threshold:.3f} (the model's pair-accuracy "
+              f"point, for this 6-person gallery; its default is {info.threshold:.3f}, FAR 1e-3)",
+              flush=True)
     counts: dict = {}
     code = run_daemon(config, workdir / "config.yaml", args.timeout,
                       on_event=lambda event: print_event(event, counts))

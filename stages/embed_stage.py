@@ -28,6 +28,9 @@ class EmbedderInfo:
     threshold: float
     # How its training crops were made; models exported before alignment existed say nothing.
     crop_alignment: str = "box"
+    # The best pair-accuracy threshold (`threshold` is the stricter FAR 1e-3 one); older files
+    # have only `threshold`.
+    pair_accuracy_threshold: float | None = None
 
     def crop_spec(self, size: int | None = None, scale: float | None = None) -> CropSpec:
         """The crop this embedder wants, with the config's overrides (None: the model's)."""
@@ -64,8 +67,10 @@ def read_embedder_info(path: Path) -> EmbedderInfo:
     if size is None:
         dims = model.graph.input[0].type.tensor_type.shape.dim
         size = dims[1].dim_value
+    pair = meta.get("pair_accuracy_threshold")
     return EmbedderInfo(int(size), float(meta.get("crop_scale", DEFAULT_CROP_SCALE)),
-                        float(meta.get("threshold", 0.5)), str(meta.get("crop_alignment", "box")))
+                        float(meta.get("threshold", 0.5)), str(meta.get("crop_alignment", "box")),
+                        None if pair is None else float(pair))
 
 
 @dataclass

@@ -193,6 +193,7 @@ def write_config(path: Path, cameras: list[dict], **sections) -> Path:
     cfg = {
         "cameras": cameras,
         "models": {"detector": str(DETECTOR), "embedder": str(EMBEDDER),
+                   "landmarks": str(MODELS_DIR / "face_landmarks.onnx"),
                    "providers": ["CPUExecutionProvider"], "threads": 1},
         "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}",
                     "event_log": str(path.parent / "events.jsonl")},

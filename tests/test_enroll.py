@@ -150,9 +150,11 @@ def test_face_gates():
 def models():
     from stages.face_detector import FaceDetector
     from stages.face_embedder import FaceEmbedder
+    from stages.face_landmarks import landmarks_to_run
     cpu = ("CPUExecutionProvider",)
-    return FaceDetector(DETECTOR, providers=cpu), FaceEmbedder(EMBEDDER, providers=cpu), \
-        file_model_id(EMBEDDER)
+    embedder = FaceEmbedder(EMBEDDER, providers=cpu)
+    landmarks = landmarks_to_run(embedder.crop_spec.alignment, DETECTOR.parent / "face_landmarks.onnx")
+    return FaceDetector(DETECTOR, providers=cpu, landmarks=landmarks), embedder, file_model_id(EMBEDDER)
 
 
 def two_faces(tmp_path: Path) -> Path:
