@@ -71,6 +71,15 @@ def short_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A fresh runs/ folder (FACEWATCH_RUNS) for one test module's training runs and caches."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("runs")
+        mp.setenv("FACEWATCH_RUNS", str(path))
+        yield path
+
+
 # --- data --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

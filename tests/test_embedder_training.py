@@ -101,14 +101,6 @@ def test_recorded_split_is_people_disjoint_and_reproducible():
     assert len({(p.name1, p.index1, p.name2, p.index2) for p in pairs}) == len(pairs)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("runs")
-        mp.setenv("FACEWATCH_RUNS", str(path))
-        yield path
-
-
 def train(*extra: str):
     from daemon.cli import build_parser
     from training.train_embedder import train as train_run

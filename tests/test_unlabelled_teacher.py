@@ -84,14 +84,6 @@ def test_epochs_cap_the_share_of_unlabelled_faces():
 
 # ---------------------------------------------------------------------------- the cache
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("runs")
-        mp.setenv("FACEWATCH_RUNS", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def faces(runs):
     pytest.importorskip("dlib", reason="the teacher extra (dlib-bin) is not installed")
     if not (WIDER.is_dir() and VIDEO.is_file()):
