@@ -505,6 +505,13 @@ def problems(cfg: FacewatchConfig) -> list[str]:
                     ("models.landmarks", cfg.models.landmarks)):
         if p is not None and not p.is_file():
             out.append(f"{what}: file not found: {p}")
+    if cfg.models.landmarks is None and cfg.models.embedder.is_file():
+        from stages.embed_stage import read_embedder_info
+
+        if read_embedder_info(cfg.models.embedder).crop_alignment == "five_point":
+            out.append("models.landmarks is null but the embedder aligns faces on five landmarks: "
+                       "faces get the box fallback crop (facewatch_alignment_fallbacks), at a "
+                       "loss of accuracy; set it to models/face_landmarks.onnx")
     for i, cam in enumerate(cfg.cameras):
         if cam.kind == "file" and not Path(cam.uri).is_file() and not _ENV_REF.search(cam.uri):
             out.append(f"cameras[{i}].uri: file not found: {cam.safe_uri}")

@@ -211,3 +211,19 @@ def test_endpoints(tmp_path):
     assert tcp.output_of("embed") == tcp.embeddings and tcp.output_of("publish") is None
     with pytest.raises(ValueError, match="too long"):
         Endpoints.for_runtime("ipc", Path("/" + "x" * 120))
+
+
+def test_a_null_landmark_model_for_an_aligning_embedder_is_warned(tmp_path):
+    """The shipped embedder aligns on five points: without a landmark model every face would get
+    the fallback crop, so validate-config says so (and still accepts the file)."""
+    embedder = REPO / "models" / "face_embedder.onnx"
+    if not embedder.is_file():
+        pytest.skip("models/face_embedder.onnx not built")
+    path = write(tmp_path, f"cameras: [{{name: a, uri: /dev/null}}]\n"
+                           f"models: {{embedder: {embedder}, landmarks: null}}\n")
+    result = validate_cli(path)
+    assert result.returncode == 0, result.stderr
+    assert "models.landmarks is null but the embedder aligns" in result.stderr
+    path = write(tmp_path, f"cameras: [{{name: a, uri: /dev/null}}]\n"
+                           f"models: {{embedder: {embedder}, landmarks: {REPO / 'models' / 'face_landmarks.onnx'}}}\n")
+    assert "models.landmarks" not in validate_cli(path).stderr
