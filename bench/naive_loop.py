@@ -30,13 +30,15 @@ class NaiveLoop:
         from stages.embed_stage import read_embedder_info
         from stages.face_detector import detector_from_config
         from stages.face_embedder import FaceEmbedder
+        from stages.face_landmarks import landmark_model_from_config
         from stages.tracking import tracker_args
 
         m, d = cfg.models, cfg.detect
         self.cfg = cfg
         info = read_embedder_info(m.embedder)
         self.crop_spec = info.crop_spec(d.crop_size, d.crop_scale)
-        self.detector = detector_from_config(m, self.crop_spec.alignment)
+        self.detector = detector_from_config(m)
+        self.landmark_model = landmark_model_from_config(m, self.crop_spec.alignment)
         self.embedder = FaceEmbedder(m.embedder, m.providers, m.threads)
         self.threshold = cfg.match.threshold if cfg.match.threshold is not None else info.threshold
         self._tracker_args = tracker_args(d.tracker, d)
@@ -60,7 +62,9 @@ class NaiveLoop:
         tracks = self.tracker.update(dets, frame)
         if len(tracks) == 0:
             return tracks, np.zeros(0, bool)
-        emb = self.embedder.embed(crop_faces(frame, tracks.boxes, self.crop_spec, tracks.landmarks)[0])
+        landmarks = (tracks.landmarks if self.landmark_model is None
+                     else self.landmark_model.predict(frame, tracks.boxes))
+        emb = self.embedder.embed(crop_faces(frame, tracks.boxes, self.crop_spec, landmarks)[0])
         if len(self.gallery) == 0:
             return tracks, np.zeros(len(tracks), bool)
         return tracks, (emb @ self.gallery.T).max(axis=1) >= self.threshold

@@ -39,7 +39,7 @@ def run_enroll(args: argparse.Namespace) -> int:
         Gallery(args.gallery, create=False).close()
     providers = ("CPUExecutionProvider",) if args.cpu else DEFAULT_PROVIDERS
     embedder = FaceEmbedder(args.embedder, providers=providers)
-    # The daemon's detect stage crops the same way (stages.face_detector.detector_from_config).
+    # The daemon's detect stage runs the same landmark model on the faces it crops.
     detector = FaceDetector(args.detector, providers=providers,
                             landmarks=landmarks_to_run(embedder.crop_spec.alignment, args.landmarks))
     model_id = file_model_id(args.embedder)

@@ -29,6 +29,7 @@ class DetectStage(BatchingStage):
         self.gate = QualityGate(self.dcfg.min_face_px, self.dcfg.min_blur)
         self.epoch = int(time.time() * 1000)   # new per process: tells downstream tracks restarted
         self.crop_spec = None
+        self.landmark_model = None
         self._tracker_args = None
 
     def input_hwm(self) -> int:
@@ -37,15 +38,17 @@ class DetectStage(BatchingStage):
     def setup(self) -> None:
         from stages.embed_stage import read_embedder_info
         from stages.face_detector import detector_from_config
+        from stages.face_landmarks import landmark_model_from_config
         from stages.tracking import tracker_args
 
         m = self.cfg.models
         info = read_embedder_info(m.embedder)   # crop exactly as the embedder was trained
         self.crop_spec = info.crop_spec(self.dcfg.crop_size, self.dcfg.crop_scale)
-        self.detector = detector_from_config(m, self.crop_spec.alignment)
+        self.detector = detector_from_config(m)
+        self.landmark_model = landmark_model_from_config(m, self.crop_spec.alignment)
         self.metrics.execution_provider.labels("detect", self.detector.provider).set(1)
         self._tracker_args = tracker_args(self.dcfg.tracker, self.dcfg)
-        landmark_model = self.detector.landmark_model
+        landmark_model = self.landmark_model
         self.log.info("detector %s on %s (%d px), %s tracking, crops %d px, %s alignment%s",
                       m.detector, self.detector.provider, self.detector.imgsz,
                       self.dcfg.tracker, self.crop_spec.size, self.crop_spec.alignment,
@@ -82,8 +85,12 @@ class DetectStage(BatchingStage):
         keep = ~self.gate.too_small(tracks.boxes)
         if (~keep).any():
             self.metrics.faces_rejected.labels(cam, "small").inc(int((~keep).sum()))
-        landmarks = None if tracks.landmarks is None else tracks.landmarks[keep]
-        crops, aligned = crop_faces(frame.image, tracks.boxes[keep], self.crop_spec, landmarks)
+        boxes = tracks.boxes[keep]
+        if self.landmark_model is not None:   # only the faces cropped, from the box cropped
+            landmarks = self.landmark_model.predict(frame.image, boxes)
+        else:
+            landmarks = None if tracks.landmarks is None else tracks.landmarks[keep]
+        crops, aligned = crop_faces(frame.image, boxes, self.crop_spec, landmarks)
         if self.crop_spec.alignment == "five_point" and not aligned.all():
             self.metrics.alignment_fallbacks.labels(cam).inc(int((~aligned).sum()))
         blur = sharpness(crops)

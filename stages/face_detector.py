@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from stages.detections import Detections
-from stages.face_landmarks import LandmarkModel, landmarks_to_run
+from stages.face_landmarks import LandmarkModel
 from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 log = logging.getLogger("facewatch.detector")
@@ -61,7 +61,9 @@ class FaceDetector:
                  max_detections: int = 300, landmarks=None):
         self.session = load_session(model_path, providers, threads, what="face detector")
         # A landmark model (stages.face_landmarks), when given, places every face's five points
-        # from its box; it replaces the detector's own keypoints, if the file has any.
+        # from its box; it replaces the detector's own keypoints, if the file has any. For
+        # one-off callers (enrollment, evaluation); the daemon's detect stage runs it itself on
+        # the faces it keeps, so small and untracked detections cost nothing.
         self.landmark_model = (None if landmarks is None
                                else LandmarkModel(landmarks, providers, threads))
         self.meta = metadata(self.session)
@@ -175,9 +177,9 @@ class FaceDetector:
         return results
 
 
-def detector_from_config(models, crop_alignment: str) -> FaceDetector:
+def detector_from_config(models) -> FaceDetector:
     """The detector as the daemon runs it from its `models` config section: thresholds, size,
-    threads, and the landmark model when the embedder aligns on five points."""
+    threads. No landmark model here: the detect stage runs it only on the faces it crops, after
+    tracking and the size gate (`stages.face_landmarks.landmark_model_from_config`)."""
     return FaceDetector(models.detector, models.providers, models.detector_conf, models.detector_iou,
-                        models.detector_imgsz, models.threads,
-                        landmarks=landmarks_to_run(crop_alignment, models.landmarks))
+                        models.detector_imgsz, models.threads)

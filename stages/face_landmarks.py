@@ -67,3 +67,10 @@ def landmarks_to_run(crop_alignment: str, path) -> object | None:
     """The landmark model file to run beside the detector: only for an embedder that aligns on
     five points (a box-crop embedder has no use for landmarks), and only when one is configured."""
     return path if crop_alignment == "five_point" and path is not None else None
+
+
+def landmark_model_from_config(models, crop_alignment: str) -> LandmarkModel | None:
+    """The daemon's landmark model from its `models` config section, or None when the embedder
+    does not align on five points or none is configured."""
+    path = landmarks_to_run(crop_alignment, models.landmarks)
+    return None if path is None else LandmarkModel(path, models.providers, models.threads)

@@ -229,12 +229,13 @@ def test_train_export_and_run(tmp_path, monkeypatch, data_dir):
 
 
 @needs_model
-def test_the_daemons_detector_runs_the_configured_model_only_for_aligning_embedders(tmp_path, val_faces):
-    """`models.landmarks` in a real config file, relative to it; the detector the daemon builds
-    from it fills every detection's landmarks (near dlib's) for a five-point embedder, and
-    loads nothing for a box-crop one."""
+def test_the_daemon_loads_the_configured_model_only_for_aligning_embedders(tmp_path, val_faces):
+    """`models.landmarks` in a real config file, relative to it; the landmark model the daemon
+    builds from it places points near dlib's on the daemon detector's boxes for a five-point
+    embedder, and nothing is loaded for a box-crop one."""
     from daemon.config import load_config
     from stages.face_detector import detector_from_config
+    from stages.face_landmarks import landmark_model_from_config
 
     (tmp_path / "m").symlink_to(MODELS.resolve(), target_is_directory=True)
     config = tmp_path / "config.yaml"
@@ -244,11 +245,13 @@ def test_the_daemons_detector_runs_the_configured_model_only_for_aligning_embedd
                       "providers: [CPUExecutionProvider]}\n")
     models = load_config(config).models
     assert models.landmarks == (tmp_path / "m" / "face_landmarks.onnx").resolve()
-    assert detector_from_config(models, "box").landmark_model is None
-    detector = detector_from_config(models, "five_point")
+    assert landmark_model_from_config(models, "box") is None
+    detector = detector_from_config(models)
+    marker = landmark_model_from_config(models, "five_point")
     nme = []
     for frame, _, label in val_faces[:10]:
         det = detector.detect([frame])[0]
-        assert det.landmarks is not None and det.landmarks.shape == (len(det), 5, 2)
-        nme.append(landmark_nme(det.landmarks[np.argmax(det.scores)][None], label[None])[0])
+        landmarks = marker.predict(frame, det.boxes)
+        assert landmarks.shape == (len(det), 5, 2)
+        nme.append(landmark_nme(landmarks[np.argmax(det.scores)][None], label[None])[0])
     assert np.median(nme) < 0.12, nme
