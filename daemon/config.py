@@ -150,17 +150,32 @@ class CaptureConfig(Section):
 
 
 class ModelsConfig(Section):
-    detector: Path = Path("models/face_detector.onnx")
-    embedder: Path = Path("models/face_embedder.onnx")
+    # A key left out means the shipped model (stages.model_files: $FACEWATCH_MODELS, the source
+    # checkout's models/, else <prefix>/share/facewatch/models of the installed package).
+    detector: Path
+    embedder: Path
     # Five landmarks per face for an embedder that aligns on them; null: the detector's own
     # keypoints, if it has any, else the box fallback (counted in facewatch_alignment_fallbacks).
-    landmarks: Path | None = Path("models/face_landmarks.onnx")
+    landmarks: Path | None
     providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider",
                                                           "CPUExecutionProvider"], min_length=1)
     threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = auto")
     detector_conf: float = Field(0.25, gt=0, lt=1)
     detector_iou: float = Field(0.5, gt=0, lt=1)
     detector_imgsz: int | None = Field(None, ge=32, le=4096, description="null: from the model")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shipped_models(cls, data):
+        if isinstance(data, dict):
+            from stages import model_files
+
+            data = dict(data)
+            for key, name in (("detector", model_files.DETECTOR), ("embedder", model_files.EMBEDDER),
+                              ("landmarks", model_files.LANDMARKS)):
+                if key not in data:
+                    data[key] = str(model_files.shipped_model(name))
+        return data
 
     @field_validator("detector", "embedder", "landmarks")
     @classmethod
@@ -186,7 +201,7 @@ class ModelsConfig(Section):
 class DetectConfig(Section):
     batch_max: int = Field(8, ge=1, le=64, description="frames per detector batch, across cameras")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="wait for more frames to batch")
-    tracker: Literal["bytetrack", "botsort"] = "bytetrack"
+    tracker: Literal["bytetrack"] = Field("bytetrack", description="supervision's ByteTrack")
     track_buffer: int = Field(30, ge=1, le=10000, description="frames a lost track is kept")
     track_high_thresh: float = Field(0.4, gt=0, lt=1)
     track_low_thresh: float = Field(0.25, gt=0, lt=1)

@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)   # no values from an earlier run
         metrics_dir.mkdir(mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-        os.environ.setdefault("YOLO_CONFIG_DIR", str(runtime / "ultralytics"))
 
         from daemon.supervisor import Supervisor
 

@@ -1,60 +1,28 @@
-"""Per-camera multi-object tracking with ultralytics' ByteTrack or BoT-SORT (the trackers only).
+"""Per-camera multi-object tracking with supervision's ByteTrack (numpy and scipy only).
 
-ultralytics' trackers accept any numpy-backed object with `.conf`, `.cls`, `.xywh` (centre x,
-centre y, w, h), `.xyxy`, `__len__` and boolean-mask `__getitem__`, and return rows
-`[x1, y1, x2, y2, track_id, score, cls, idx]` where idx is the detection's index. We keep the
-detector's own box for each track (via idx) because it is what the crop must use.
+The daemon used to take ByteTrack from ultralytics, which pulls torch into the runtime; the
+same algorithm comes from `supervision` (0.30.x, whose install no longer requires
+`opencv-python`, so it sits beside `opencv-python-headless`). `bench/bench_tracker.py` compares
+the two on the shared clip (ID switches and fragments against identities from the embedder).
+
+supervision's tracker returns the detections it could assign to a track, in their original
+order, with `tracker_id` set; we keep each detection's index in `data` so the detector's own box
+(and landmarks) go with the track: the crop must use the detector's box.
 
 A track has *ended* when the tracker no longer holds it as tracked or lost (it was removed
 after `track_buffer` frames without a match); `CameraTracker.update` reports those ids.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import yaml
 
 from stages.detections import Detections
 
-TRACKER_OVERRIDES = ("track_buffer", "track_high_thresh", "track_low_thresh", "new_track_thresh",
-                     "match_thresh")
-
-
-def configure_ultralytics_offline(config_dir: Path | None = None) -> None:
-    """Before the first `import ultralytics`: no DNS probe, no pip installs, a writable settings
-    dir (the service's home is not writable). The daemon-side twin of
-    training.ultralytics_env.configure_offline, without the font the trainer needs."""
-    if "YOLO_CONFIG_DIR" not in os.environ:
-        config_dir = config_dir or Path(tempfile.gettempdir()) / f"facewatch-ultralytics-{os.getuid()}"
-        config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
-    os.environ["YOLO_OFFLINE"] = "1"
-    os.environ["YOLO_AUTOINSTALL"] = "0"
-    os.environ.setdefault("YOLO_VERBOSE", "False")
-
-
-class TrackerInput:
-    """Detections in the shape ultralytics' trackers read (numpy only, no torch)."""
-
-    def __init__(self, xyxy: np.ndarray, conf: np.ndarray):
-        self.xyxy = np.asarray(xyxy, np.float32).reshape(-1, 4)
-        self.conf = np.asarray(conf, np.float32).reshape(-1)
-        self.cls = np.zeros(len(self.conf), np.float32)
-
-    @property
-    def xywh(self) -> np.ndarray:
-        x1, y1, x2, y2 = self.xyxy.T
-        return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=1)
-
-    def __len__(self) -> int:
-        return len(self.conf)
-
-    def __getitem__(self, index) -> "TrackerInput":
-        return TrackerInput(self.xyxy[index], self.conf[index])
+TRACKERS = ("bytetrack",)
+FRAME_RATE = 30   # supervision keeps a lost track int(frame_rate / 30 * lost_track_buffer) frames
 
 
 @dataclass(frozen=True)
@@ -70,46 +38,70 @@ class Tracks:
         return len(self.track_ids)
 
 
-def tracker_args(kind: str, detect_cfg) -> object:
-    """ultralytics' own defaults file for the tracker, with our configured overrides."""
-    configure_ultralytics_offline()
-    import ultralytics
-    from ultralytics.utils import IterableSimpleNamespace
+@dataclass(frozen=True)
+class TrackerArgs:
+    """The config's tracker settings (daemon.config.DetectConfig), validated once."""
+    track_buffer: int = 30          # frames a lost track is kept
+    track_high_thresh: float = 0.4  # first association (and supervision's activation threshold)
+    track_low_thresh: float = 0.25  # detections below this are not tracked at all
+    new_track_thresh: float = 0.5   # a new track starts from a detection at least this confident
+    match_thresh: float = 0.8       # IoU-distance gate of the first association
 
-    path = Path(ultralytics.__file__).parent / "cfg" / "trackers" / f"{kind}.yaml"
-    args = yaml.safe_load(path.read_text())
-    for key in TRACKER_OVERRIDES:
-        args[key] = getattr(detect_cfg, key)
-    if kind == "botsort":
-        args["with_reid"] = False   # appearance comes from our own embedder, later in the pipeline
-        args["gmc_method"] = "none"  # fixed cameras: camera-motion compensation is wasted CPU
-    return IterableSimpleNamespace(**args)
+    def __post_init__(self):
+        if self.track_buffer < 1:
+            raise ValueError(f"track_buffer must be >= 1, got {self.track_buffer}")
+        for name in ("track_high_thresh", "track_low_thresh", "new_track_thresh", "match_thresh"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+
+def tracker_args(kind: str, detect_cfg) -> TrackerArgs:
+    """The tracker settings from the config's `detect` section."""
+    _check_kind(kind)
+    return TrackerArgs(**{k: getattr(detect_cfg, k) for k in TrackerArgs.__dataclass_fields__})
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in TRACKERS:
+        raise ValueError(f"tracker must be one of {list(TRACKERS)}, got {kind!r}")
 
 
 class CameraTracker:
     """One camera's tracker, and the bookkeeping that turns removals into 'ended' reports."""
 
-    def __init__(self, kind: str, args):
-        configure_ultralytics_offline()
-        if kind == "bytetrack":
-            from ultralytics.trackers.byte_tracker import BYTETracker as cls
-        elif kind == "botsort":
-            from ultralytics.trackers.bot_sort import BOTSORT as cls
-        else:
-            raise ValueError(f"tracker must be 'bytetrack' or 'botsort', got {kind!r}")
-        self.tracker = cls(args)
+    def __init__(self, kind: str, args: TrackerArgs):
+        _check_kind(kind)
+        from supervision.tracker.byte_tracker.core import ByteTrack
+
+        with warnings.catch_warnings():   # supervision announces ByteTrack's move to `trackers`
+            warnings.simplefilter("ignore")   # (which requires opencv-python): pinned < 0.31
+            self.tracker = ByteTrack(track_activation_threshold=args.track_high_thresh,
+                                     lost_track_buffer=args.track_buffer,
+                                     minimum_matching_threshold=args.match_thresh,
+                                     frame_rate=FRAME_RATE, minimum_consecutive_frames=1)
+        # supervision derives the new-track threshold as activation + 0.1; ours is configured
+        self.tracker.det_thresh = args.new_track_thresh
+        self.low_thresh = args.track_low_thresh
         self.active: set[int] = set()   # ids reported downstream and not yet ended
 
-    def update(self, detections: Detections, image: np.ndarray | None) -> Tracks:
-        rows = self.tracker.update(TrackerInput(detections.boxes, detections.scores), image)
-        rows = np.asarray(rows, np.float32).reshape(-1, 8)
-        idx = rows[:, 7].astype(np.int64)
-        ids = rows[:, 4].astype(np.int64)
-        alive = {int(t.track_id) for t in self.tracker.tracked_stracks + self.tracker.lost_stracks}
+    def update(self, detections: Detections, image: np.ndarray | None = None) -> Tracks:
+        """One frame's detections -> its tracks (`image` is unused: kept for callers)."""
+        import supervision as sv
+
+        keep = np.flatnonzero(detections.scores >= self.low_thresh)
+        dets = sv.Detections(xyxy=detections.boxes[keep].astype(np.float32).reshape(-1, 4),
+                             confidence=detections.scores[keep].astype(np.float32),
+                             data={"index": keep.astype(np.int64)})
+        tracked = self.tracker.update_with_detections(dets)
+        idx = np.asarray(tracked.data.get("index", np.zeros(0, np.int64)), np.int64)
+        ids = np.asarray(tracked.tracker_id, np.int64).reshape(-1)
+        alive = {int(t.external_track_id) for t in self.tracker.tracked_tracks
+                 + self.tracker.lost_tracks if t.external_track_id >= 0}
         ended = sorted(self.active - alive)
         self.active = (self.active - set(ended)) | {int(i) for i in ids}
         landmarks = None if detections.landmarks is None else detections.landmarks[idx]
-        return Tracks(ids, detections.boxes[idx].astype(np.float32),
+        return Tracks(ids, detections.boxes[idx].astype(np.float32).reshape(-1, 4),
                       detections.scores[idx].astype(np.float32), ended, landmarks)
 
     def end_all(self) -> list[int]:

@@ -245,7 +245,7 @@ def test_tracker_keeps_ids_and_reports_ended_tracks():
     from stages.tracking import CameraTracker, tracker_args
 
     cfg = DetectConfig(track_buffer=3)
-    for kind in ("bytetrack", "botsort"):
+    for kind in ("bytetrack",):
         tracker = CameraTracker(kind, tracker_args(kind, cfg))
         image = np.zeros((240, 320, 3), np.uint8)
         ids = []
