@@ -9,6 +9,8 @@
   (reset once it ran `restart_reset_s`), counted in facewatch_stage_restarts_total. A stage
   that stops heartbeating, or never gets ready, is killed and restarted the same way. One
   failing camera only ever restarts its own capture process.
+- SIGHUP is forwarded to every ready stage, which reloads what it can (match: the gallery;
+  publish: reopens the event log for logrotate); it never stops the daemon.
 - SIGTERM/SIGINT: STOPPING=1, captures get SIGTERM and send EndOfStream down the pipeline, so
   every frame already captured is processed and its events flushed; each stage exits when
   every camera's EndOfStream has passed it. Stages still running at `shutdown_timeout_s` get
@@ -338,9 +340,28 @@ class Supervisor:
         self.signal_received = signum     # handled by the main loop, never in the handler
         self.signal_count += 1
 
+    def _on_hup(self, _signum, _frame) -> None:
+        self.hup_received = True
+
+    def forward_reload(self) -> None:
+        """SIGHUP: every ready stage reloads what it can (match: the gallery; publish: reopens
+        the event log, for logrotate). Nothing stops. A stage still starting reads everything
+        afresh anyway (and might not have its handler yet), so it is skipped."""
+        self.hup_received = False
+        targets = [st for st in self.stages.values() if st.ready and st.proc is not None]
+        log.info("SIGHUP: reloading the gallery and reopening the event log (%s)",
+                 ", ".join(st.name for st in targets) or "no stage ready")
+        for st in targets:
+            try:
+                st.proc.send_signal(signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     def run(self) -> int:
+        self.hup_received = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         try:
             control = self.transport.control_server(self.endpoints.control)
             if self.cfg.metrics.enabled:
@@ -379,6 +400,8 @@ class Supervisor:
             elif self.signal_count > 1 and self.shutdown_deadline > now:
                 log.warning("second signal: not waiting for the drain")
                 self.shutdown_deadline = now
+            if self.hup_received:
+                self.forward_reload()
             msg = control.recv(LOOP_S)
             while msg is not None:
                 self.on_control(msg, time.monotonic())

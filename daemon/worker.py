@@ -96,8 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         log.info("got %s", signal.Signals(signum).name)
         ctx.stop.set()
 
+    def on_hup(_signum, _frame):   # forwarded by the supervisor: reload, never stop
+        ctx.reload.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    # A file size limit (LimitFSIZE=, ulimit -f) must fail a write with EFBIG, which the event
+    # log handles, instead of killing the process with SIGXFSZ.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     die_with_supervisor()
     if ctx.endpoints.control is not None:
         ctx.control = transport.control_client(ctx.endpoints.control, name)

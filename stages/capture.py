@@ -330,6 +330,7 @@ class CaptureStage(Stage):
             self.control("ready")
             next_beat = 0.0
             while not self.ctx.stop.is_set():
+                self.check_reload()
                 now = time.monotonic()
                 if now >= next_beat:
                     self.control("heartbeat", detail=self.heartbeat_detail())

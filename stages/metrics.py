@@ -46,6 +46,14 @@ class Metrics:
         self.recognitions = c("facewatch_recognitions", "Track decisions by result",
                               ["camera", "result"], **kw)
         self.events_published = c("facewatch_events_published", "Events published", ["type"], **kw)
+        self.event_log_up = g("facewatch_event_log_up", "1 while the event log is written; 0 "
+                              "while writes fail (e.g. a full disk) and lines wait in memory",
+                              multiprocess_mode="livemax", **kw)
+        self.event_log_write_errors = c("facewatch_event_log_write_errors", "Failed attempts to "
+                                        "write the event log, by errno name", ["error"], **kw)
+        self.event_log_lost = c("facewatch_event_log_lost", "Event lines never written to the "
+                                "log (its backlog overflowed while writes failed); subscribers "
+                                "got them", **kw)
         self.messages_lost = c("facewatch_messages_lost", "Messages missing from per-sender "
                                "sequences (a stage restarted or a queue overflowed)",
                                ["stage"], **kw)
@@ -66,6 +74,12 @@ class Metrics:
                           ["stage"], multiprocess_mode="livemax", **kw)
         self.gallery_people = g("facewatch_gallery_people", "Enrolled people in the gallery "
                                 "snapshot in use", multiprocess_mode="livemax", **kw)
+        self.gallery_ok = g("facewatch_gallery_ok", "1 while the file at gallery.path is the "
+                            "gallery in use; 0 while it is missing or unusable (matching goes "
+                            "on with the last good snapshot)", multiprocess_mode="livemax", **kw)
+        self.gallery_reloads = c("facewatch_gallery_reloads", "Gallery reloads (changed: new "
+                                 "enrollments; replaced: another file at the path; sighup)",
+                                 ["reason"], **kw)
         self.gallery_embeddings = g("facewatch_gallery_embeddings", "Enrolled embeddings in the "
                                     "gallery snapshot in use", multiprocess_mode="livemax", **kw)
         self.execution_provider = g("facewatch_execution_provider", "1 for the onnxruntime "

@@ -55,6 +55,7 @@ class StageContext:
     camera: str | None = None        # capture stages only
     ended_cameras: set[str] = field(default_factory=set)   # ended before this process started
     stop: threading.Event = field(default_factory=threading.Event)
+    reload: threading.Event = field(default_factory=threading.Event)   # SIGHUP
 
 
 class Stage:
@@ -100,6 +101,15 @@ class Stage:
 
     def heartbeat_detail(self) -> dict:
         return {}
+
+    def reload(self) -> None:
+        """SIGHUP (forwarded by the supervisor): re-read what can change while running."""
+        self.log.debug("SIGHUP: nothing to reload")
+
+    def check_reload(self) -> None:
+        if self.ctx.reload.is_set():
+            self.ctx.reload.clear()
+            self.reload()
 
     def on_lost(self, msg: Message, count: int) -> None:
         """`count` messages from msg's sender never arrived before `msg` (already counted in
@@ -147,6 +157,7 @@ class Stage:
             next_beat = 0.0
             lost_seen = 0
             while not self.ctx.stop.is_set():
+                self.check_reload()
                 now = time.monotonic()
                 if now >= next_beat:
                     self.control("heartbeat", detail=self.heartbeat_detail())
