@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ APPLICATION_ID = 0x46574731  # "FWG1" in the SQLite header: marks the file as a 
 BUSY_TIMEOUT_S = 10.0  # another process (enroll vs daemon) may hold the write lock briefly
 MAX_NAME_LENGTH = 200
 SQLITE_MAGIC = b"SQLite format 3\x00"
+WAL_SUFFIXES = ("-wal", "-shm")   # SQLite's files beside a WAL-mode database
 VECTOR_DTYPE = np.dtype("<f4")  # stored little-endian whatever the host, so files are portable
 
 _SCHEMA_V1 = """
@@ -110,7 +112,53 @@ def _create_private(path: Path) -> None:
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except FileExistsError:  # another process created it first: fine, it is checked below
-        pass
+        return
+    # A new, empty file: a -wal / -shm left at its path belong to a deleted gallery and SQLite
+    # would pair them with this one (reading the old pages): remove them first.
+    for suffix in WAL_SUFFIXES:
+        try:
+            os.unlink(f"{path}{suffix}")
+            log.warning("removed %s%s, left behind by a deleted gallery", path, suffix)
+        except FileNotFoundError:
+            pass
+
+
+def _make_private(path: Path) -> None:
+    """An existing gallery we own gets mode 0600 (embeddings are biometric data; a 0444 or 0644
+    file is also read-only or readable by others). Its WAL files follow SQLite's copy of it."""
+    for name in [path] + [Path(f"{path}{s}") for s in WAL_SUFFIXES]:
+        try:
+            st = os.stat(name)
+            if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) == 0o600:
+                continue
+            os.chmod(name, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:   # e.g. a read-only file system: _check_writable says so
+            log.debug("cannot chmod %s: %s", name, exc)
+            continue
+        log.warning("%s had mode %04o; set to 0600 (owner-only: face embeddings)", name,
+                    stat.S_IMODE(st.st_mode))
+
+
+def _check_writable(path: Path) -> None:
+    """The daemon and enroll both write the gallery (WAL journal, schema): a read-only file or
+    folder is named as such instead of failing later as 'attempt to write a readonly database'."""
+    for target, what in ((path, "file"), (path.parent, "folder")):
+        if not os.access(target, os.W_OK):
+            reason = ("on a read-only file system" if _read_only_fs(target)
+                      else f"not writable by uid {os.geteuid()}")
+            raise GalleryError(f"gallery {path} is read-only: its {what} {target} is {reason}; "
+                               f"facewatch writes the gallery and its -wal/-shm files next to it "
+                               f"(give the service user write access, e.g. keep it in "
+                               f"/var/lib/facewatch)")
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _check_header(path: Path) -> None:
@@ -133,6 +181,8 @@ class Gallery:
                 raise FileNotFoundError(f"gallery not found: {self.path}")
             _create_private(self.path)
         _check_header(self.path)
+        _make_private(self.path)
+        _check_writable(self.path)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never implicit.
         self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
@@ -151,6 +201,9 @@ class Gallery:
                                 f"retry in a moment")
         if isinstance(exc, sqlite3.IntegrityError):
             return GalleryError(f"gallery {self.path}: write refused ({text})")
+        if "readonly" in text or "read-only" in text:
+            return GalleryError(f"gallery {self.path} is read-only ({text}); facewatch writes "
+                                f"the gallery and its -wal/-shm files next to it")
         return GalleryError(f"not a facewatch gallery: {self.path} ({text})")
 
     def _setup(self) -> None:

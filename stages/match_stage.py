@@ -4,10 +4,19 @@ The gallery snapshot is reloaded whenever `Gallery.data_version()` changes (poll
 `gallery.poll_interval_s`), so `facewatch enroll` takes effect in a running daemon. A gallery
 enrolled with another embedder file is refused (logged; everyone is unknown) because
 embeddings of different models cannot be compared.
+
+The file is also followed by identity (device and inode), not only by content: a gallery that
+was deleted, or replaced by another file (a restore, configuration management, `rm` and
+`facewatch enroll`), is noticed at the next poll. The connection to the old file is closed at
+once (its WAL files are the old file's and must not pair with a new one), and the new file is
+opened when it is a usable gallery. Until then matching continues with the last good snapshot;
+`facewatch_gallery_ok` is 0 and the reason is logged once per change. SIGHUP reopens the file
+and reloads it whatever its version.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -29,6 +38,9 @@ class MatchStage(Stage):
         self.threshold = None
         self.epochs: dict[str, int] = {}
         self.next_check = 0.0
+        self.identity: tuple[int, int] | None = None   # (st_dev, st_ino) of the open file
+        self.problem: str | None = None                # why the gallery file is not in use
+        self._why = ""
 
     def setup(self) -> None:
         from stages.embed_stage import read_embedder_info
@@ -42,23 +54,89 @@ class MatchStage(Stage):
         votes = self.cfg.embed.votes
         self.matcher = Matcher(self.threshold, votes, max(votes, self.cfg.match.vote_window))
         self.gallery = Gallery(self.cfg.gallery.path)
+        self.identity = self._file_identity()
+        self.metrics.gallery_ok.set(1)
         self.log.info("threshold %.3f (%s), model %s, gallery %s", self.threshold,
                       "configured" if configured is not None else "from the embedder's metadata",
                       self.model_id, self.cfg.gallery.path)
         self.reload_gallery()
 
-    def reload_gallery(self) -> None:
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.cfg.gallery.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _set_problem(self, problem: str | None) -> None:
+        """Log once per change: a new reason, or back to normal."""
+        if problem == self.problem:
+            return
+        if problem is not None:
+            people = len(set(self.matcher.names))
+            self.log.error("%s; matching continues with the last good gallery (%d people)",
+                           problem, people)
+        else:
+            self.log.warning("gallery %s is in use again", self.cfg.gallery.path)
+        self.problem = problem
+        self.metrics.gallery_ok.set(0 if problem else 1)
+
+    def _reopen(self, identity: tuple[int, int] | None, why: str) -> bool:
+        """Close the open file (if any) and open the one at the path now; False if unusable."""
+        from stages.gallery import Gallery, GalleryError
+
+        path = self.cfg.gallery.path
+        if self.gallery is not None:
+            self.gallery.close()
+            self.gallery, self.version = None, None
+        self.identity = identity
+        if identity is None:
+            self._set_problem(f"gallery {path} is missing ({why})")
+            return False
+        try:
+            gallery = Gallery(path, create=False)
+        except (GalleryError, OSError) as exc:
+            self._set_problem(f"gallery {path} cannot be used ({why}): {exc}")
+            return False
+        if self._file_identity() != identity:   # replaced again while opening: next poll
+            gallery.close()
+            return False
+        self.gallery = gallery
+        self.log.info("gallery %s opened (%s)", path, why)
+        return True
+
+    def reload_gallery(self, force: bool = False) -> None:
         from stages.gallery import GalleryError
 
+        identity = self._file_identity()
+        if force or identity != self.identity or self.gallery is None:
+            if force:
+                why = "SIGHUP"
+            elif identity == self.identity:   # still the file that could not be used
+                why = self._why
+            elif identity is None:
+                why = "deleted"
+            elif self.identity is None:
+                why = "the file appeared"
+            else:
+                why = (f"replaced: device/inode {self.identity[0]}/{self.identity[1]} -> "
+                       f"{identity[0]}/{identity[1]}")
+            self._why = why
+            if not self._reopen(identity, why):
+                return
+            self.metrics.gallery_reloads.labels("sighup" if force else "replaced").inc()
         try:
             version = self.gallery.data_version()
             if version == self.version:
                 return
             snap = self.gallery.snapshot()
         except GalleryError as exc:   # e.g. locked for longer than the busy timeout: keep the old
-            self.log.error("gallery not reloaded: %s", exc)
+            self._set_problem(f"gallery not reloaded: {exc}")
             return
+        if self.version is not None:
+            self.metrics.gallery_reloads.labels("changed").inc()
         self.version = version
+        self._set_problem(None)
         if snap.model_id is not None and snap.model_id != self.model_id:
             self.log.error("gallery %s was enrolled with embedder %s but this daemon runs %s: "
                            "nobody can be recognised; re-enroll with the current model",
@@ -143,6 +221,10 @@ class MatchStage(Stage):
         for key in self.matcher.keys(camera):
             out += self._end(key)
         return out
+
+    def reload(self) -> None:
+        """SIGHUP: reopen the gallery file and reload it."""
+        self.reload_gallery(force=True)
 
     def teardown(self) -> None:
         if self.gallery is not None:

@@ -208,3 +208,178 @@ def test_sighup_reopens_the_event_log_after_logrotate_and_never_stops(short_dir,
         assert daemon.stop(10) == 0
     finally:
         feed.close()
+
+
+# --- 2. the gallery file is replaced while the daemon runs -----------------------------------
+
+def embedder_dim() -> int:
+    import onnx
+
+    model = onnx.load(str(EMBEDDER), load_external_data=False)
+    return model.graph.output[0].type.tensor_type.shape.dim[1].dim_value
+
+
+def unit_vector(dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+class EmbeddingFeed:
+    """The test as the embed stage: PUSHes FaceEmbeddings into the daemon's match stage."""
+
+    def __init__(self, runtime_dir: Path):
+        self.transport = Transport()
+        self.sender = self.transport.sender(Endpoints.for_runtime("ipc", runtime_dir).embeddings,
+                                            "embed")
+        self.frame = 0
+
+    def _send(self, track_ids: list[int], vectors: list[np.ndarray], ended: list[int]) -> None:
+        n = len(track_ids)
+        dim = len(vectors[0]) if vectors else 1
+        msg = FaceEmbeddings(
+            camera="door", frame_index=self.frame, pts=self.frame / 25, wall_ts=time.time(),
+            epoch=1, track_ids=np.asarray(track_ids, np.int64),
+            boxes=np.tile(np.array([10, 20, 110, 140], np.float32), (n, 1)),
+            embeddings=np.asarray(vectors, np.float32).reshape(n, dim),
+            crops=np.zeros((0, 8, 8, 3), np.uint8), ended_tracks=np.asarray(ended, np.int64))
+        self.frame += 1
+        assert self.sender.send(msg), "match stopped taking embeddings"
+
+    def track(self, track_id: int, vector: np.ndarray, votes: int = 3) -> None:
+        """One track: `votes` frames of the same face (a decision), then its end."""
+        for _ in range(votes):
+            self._send([track_id], [vector], [])
+        self._send([], [], [track_id])
+
+    def close(self) -> None:
+        self.transport.close(linger_ms=0)
+
+
+def decided(sub: EventSubscriber, track_id: int) -> dict:
+    return wait_for(lambda: next((e for e in sub.events if e["track_id"] == track_id and
+                                  e["type"] != "track_ended"), None), 30,
+                    f"the decision on track {track_id}")
+
+
+def enroll_cli(gallery: Path, name: str, photo: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "enroll", "--gallery", str(gallery),
+                           "--name", name, "--cpu", str(photo)], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def match_config(short_dir: Path, **sections) -> Path:
+    return publish_only_config(short_dir, stages=("match", "publish"), **sections)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("leftovers", ["removed", "stale-wal"])
+def test_replaced_gallery_is_noticed_and_reloaded(leftovers, models, knn_dir, short_dir, daemons,
+                                                  subscribers, gallery_module):
+    """The gallery is deleted (with its -wal/-shm, or they are left behind holding the old
+    file's un-checkpointed pages) and created again by `facewatch enroll` with someone else.
+    Meanwhile the daemon matches with the last good gallery; the missing file is logged once and
+    exported; the new file is picked up by its new inode and the old person is gone. Nothing is
+    restarted, nothing logged as malformed, no event lost."""
+    from stages.gallery import Gallery, file_model_id
+
+    config = match_config(short_dir)
+    cfg = yaml.safe_load(config.read_text())
+    path, port = Path(cfg["gallery"]["path"]), cfg["metrics"]["port"]
+    dim, model_id = embedder_dim(), file_model_id(EMBEDDER)
+    alice = unit_vector(dim, 1)
+    with Gallery(path) as g:
+        g.enroll("alice", alice[None], model_id, ["test"])
+    daemon = daemons(config, short_dir / "run")
+    daemon.wait_ready(90)
+    sub = subscribers(cfg["publish"]["endpoint"])
+    feed = EmbeddingFeed(short_dir / "run")
+    try:
+        tid = iter(range(1, 1000))
+        wait_for(lambda: (feed.track(next(tid), alice), sub.events)[1], 30,
+                 "the subscriber's first event")
+        first_seq = sub.events[0]["seq"]
+        assert decided(sub, next(tid) - 1)["name"] == "alice"
+        if leftovers == "stale-wal":
+            # A write the daemon has not checkpointed: the -wal now holds pages of this file.
+            with Gallery(path) as g:
+                g.enroll("carol", unit_vector(dim, 3)[None], model_id, ["test"])
+            assert Path(f"{path}-wal").stat().st_size > 0
+            saved = {s: Path(f"{path}{s}").read_bytes() for s in ("-wal", "-shm")}
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        wait_for(lambda: metric(scrape(port), "facewatch_gallery_ok") == 0, 10,
+                 "facewatch_gallery_ok to go to 0")
+        t = next(tid)
+        feed.track(t, alice)
+        assert decided(sub, t)["name"] == "alice", "matching must go on with the last gallery"
+        if leftovers == "stale-wal":
+            for suffix, data in saved.items():
+                Path(f"{path}{suffix}").write_bytes(data)
+        out = enroll_cli(path, "bob", knn_dir / "train" / "biden" / "biden.jpg")
+        if leftovers == "stale-wal":
+            assert "left behind by a deleted gallery" in out, out
+        with Gallery(path, create=False) as g:
+            assert [p.name for p in g.persons()] == ["bob"]
+            bob = g.snapshot().embeddings[0]
+        samples = wait_for(lambda: (s := scrape(port)) and
+                           metric(s, "facewatch_gallery_ok") == 1 and s, 10,
+                           "facewatch_gallery_ok back to 1")
+        assert metric(samples, "facewatch_gallery_reloads_total", reason="replaced") >= 1
+        assert metric(samples, "facewatch_gallery_people") == 1
+        t = next(tid)
+        feed.track(t, bob)
+        assert decided(sub, t)["name"] == "bob"
+        t = next(tid)
+        feed.track(t, alice)
+        assert decided(sub, t)["type"] == "unknown", "the old gallery is no longer used"
+        wait_for(lambda: sub.events[-1]["track_id"] == t and
+                 sub.events[-1]["type"] == "track_ended", 10, "the last track_ended")
+        assert_nothing_lost(sub, first_seq, sub.events[-1]["seq"])
+        text = daemon.log_text()
+        assert text.count(f"gallery {path} is missing") == 1, text[-3000:]
+        assert "malformed" not in text and "Traceback" not in text
+        assert daemon.stage("match")["restarts"] == 0
+        assert daemon.stop(10) == 0
+    finally:
+        feed.close()
+
+
+@pytest.mark.timeout(180)
+def test_sighup_reloads_the_gallery(models, short_dir, daemons, subscribers, gallery_module):
+    """Polling is off (an hour): a gallery moved into place is used after SIGHUP, at once."""
+    from stages.gallery import Gallery, file_model_id
+
+    config = match_config(short_dir, gallery={"poll_interval_s": 3600})
+    cfg = yaml.safe_load(config.read_text())
+    path = Path(cfg["gallery"]["path"])
+    dim, model_id = embedder_dim(), file_model_id(EMBEDDER)
+    alice, dave = unit_vector(dim, 1), unit_vector(dim, 4)
+    with Gallery(path) as g:
+        g.enroll("alice", alice[None], model_id, ["test"])
+    daemon = daemons(config, short_dir / "run")
+    daemon.wait_ready(90)
+    sub = subscribers(cfg["publish"]["endpoint"])
+    feed = EmbeddingFeed(short_dir / "run")
+    try:
+        tid = iter(range(1, 1000))
+        wait_for(lambda: (feed.track(next(tid), dave), sub.events)[1], 30,
+                 "the subscriber's first event")
+        assert decided(sub, next(tid) - 1)["type"] == "unknown"
+        staged = path.with_name("staged.db")
+        with Gallery(staged) as g:
+            g.enroll("dave", dave[None], model_id, ["test"])
+        os.replace(staged, path)
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "gallery loaded: 1 people" in
+                 daemon.log_text().partition(f"gallery {path} opened (SIGHUP)")[2], 10,
+                 "the gallery reloaded after SIGHUP")
+        t = next(tid)
+        feed.track(t, dave)
+        assert decided(sub, t)["name"] == "dave", daemon.log_text()[-3000:]
+        assert daemon.proc.poll() is None
+        assert all(s["restarts"] == 0 for s in daemon.status()["stages"].values())
+        assert daemon.stop(10) == 0
+    finally:
+        feed.close()
