@@ -383,3 +383,68 @@ def test_sighup_reloads_the_gallery(models, short_dir, daemons, subscribers, gal
         assert daemon.stop(10) == 0
     finally:
         feed.close()
+
+
+# --- issue 13, item 6: read-only and too-open galleries ----------------------------------------
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder whose files cannot be written: a tmpfs remounted read-only when root (root
+    writes any file whatever its mode), else mode 0555 with 0444 files."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    mounted = False
+    if os.geteuid() == 0:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted = True
+
+    def make_read_only():
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        else:
+            for f in path.iterdir():
+                f.chmod(0o444)
+            path.chmod(0o555)
+    yield path, make_read_only
+    if mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+    else:
+        path.chmod(0o755)
+
+
+def test_read_only_gallery_is_named_as_such(read_only_folder, gallery_module):
+    from stages.gallery import Gallery, GalleryError
+
+    folder, make_read_only = read_only_folder
+    path = folder / "gallery.db"
+    with Gallery(path) as g:
+        g.enroll("alice", unit_vector(8, 1)[None], "m", ["test"])
+    make_read_only()
+    with pytest.raises(GalleryError, match=f"gallery {path} is read-only") as err:
+        Gallery(path, create=False)
+    assert "not a facewatch gallery" not in str(err.value)
+    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "gallery", "--gallery", str(path),
+                           "list"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode != 0
+    assert f"gallery {path} is read-only" in proc.stderr, proc.stderr
+    assert "not a facewatch gallery" not in proc.stderr
+
+
+@pytest.mark.parametrize("mode", [0o444, 0o644, 0o660])
+def test_enrolling_into_a_too_open_gallery_makes_it_owner_only(mode, models, knn_dir, tmp_path,
+                                                              gallery_module):
+    from stages.gallery import Gallery
+
+    path = tmp_path / "gallery.db"
+    Gallery(path).close()
+    path.chmod(mode)
+    out = enroll_cli(path, "bob", knn_dir / "train" / "biden" / "biden.jpg")
+    assert f"had mode {mode:04o}; set to 0600" in out, out
+    assert (path.stat().st_mode & 0o777) == 0o600
+    for suffix in ("-wal", "-shm"):
+        extra = Path(f"{path}{suffix}")
+        assert not extra.exists() or (extra.stat().st_mode & 0o777) == 0o600
