@@ -372,6 +372,13 @@ class Supervisor:
                              f"{self.cfg.metrics.host}:{self.cfg.metrics.port})") from exc
         if self.metrics_server is not None:
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.cfg.metrics.port)
+        # Every configured camera and stage is exported from the start, as 0 until it is up
+        # (livemax: a capture's 1 wins while it runs), so an alert on camera_up == 0 fires for a
+        # camera that never connected too.
+        for st in self.stages.values():
+            self.metrics.stage_up.labels(st.name).set(0)
+            if st.kind == "capture":
+                self.metrics.camera_up.labels(st.camera).set(0)
         # Captures start once the stages they feed are ready: a camera opened while the models
         # still load would only fill queues with frames that are dropped or arrive late.
         for st in self.stages.values():

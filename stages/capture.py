@@ -212,6 +212,7 @@ class CaptureStage(Stage):
         return Defaults.FRAME_SNDHWM
 
     def setup(self) -> None:
+        self.metrics.camera_up.labels(*self._labels).set(0)   # exported before it connects
         if self.camera.kind == "stream":
             # read by OpenCV when a capture is opened; one camera per process, so per-process env
             os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS",

@@ -27,7 +27,7 @@ from conftest import EMBEDDER, REPO, wait_for
 from decision_feed import DecisionFeed, decision, publish_only_config
 from stages.messages import FaceEmbeddings, parse_event
 from stages.transport import Endpoints, Transport
-from test_pipeline import metric, scrape
+from test_pipeline import metric, scrape, sink  # noqa: F401  (sink: a fixture)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -448,3 +448,38 @@ def test_enrolling_into_a_too_open_gallery_makes_it_owner_only(mode, models, knn
     for suffix in ("-wal", "-shm"):
         extra = Path(f"{path}{suffix}")
         assert not extra.exists() or (extra.stat().st_mode & 0o777) == 0o600
+
+
+# --- issue 13, item 2: camera_up from the start ----------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_camera_up_is_exported_for_cameras_that_never_connected(short_video, short_dir, sink,
+                                                                daemons):
+    """A refused RTSP camera and a missing file are exported as camera_up 0 (not absent), the
+    good camera as 1; SIGHUP leaves the captures running."""
+    from conftest import free_port
+    from test_pipeline import capture_only_config
+
+    config = capture_only_config(short_dir, [
+        {"name": "good", "uri": str(short_video.path), "loop": True},
+        {"name": "refused", "uri": f"rtsp://127.0.0.1:{free_port()}/none"},
+        {"name": "missing", "uri": str(short_dir / "not-there.mp4")}],
+        capture={"reconnect_initial_s": 0.5, "reconnect_max_s": 2, "open_timeout_s": 1})
+    port = yaml.safe_load(config.read_text())["metrics"]["port"]
+    daemon = daemons(config, short_dir / "run")
+    daemon.wait_ready(60)
+    sink.until(lambda: any(f.camera == "good" for f in sink.frames), 30, "frames from good")
+    samples = wait_for(lambda: (s := scrape(port)) and
+                       metric(s, "facewatch_camera_up", camera="good") == 1 and s, 20,
+                       "camera_up of the good camera")
+    for camera in ("refused", "missing"):
+        key = ("facewatch_camera_up", (("camera", camera),))
+        assert key in samples, f"facewatch_camera_up{{camera={camera!r}}} is not exported"
+        assert samples[key] == 0
+    pids = {name: s["pid"] for name, s in daemon.status()["stages"].items()}
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: reloading" in daemon.log_text(), 10, "the SIGHUP handled")
+    sink.frames.clear()
+    sink.until(lambda: any(f.camera == "good" for f in sink.frames), 30, "frames after SIGHUP")
+    assert {name: s["pid"] for name, s in daemon.status()["stages"].items()} == pids
+    assert daemon.stop(10) == 0
