@@ -454,9 +454,44 @@ def parse_config(data: dict, base_dir: Path, source: str = "config", root=None) 
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
     _check_duplicate_cameras(data, source, root)
     try:
-        return FacewatchConfig.model_validate(data, context={"base_dir": Path(base_dir)})
+        cfg = FacewatchConfig.model_validate(data, context={"base_dir": Path(base_dir)})
     except ValidationError as exc:
         raise ConfigError(format_errors(exc, source, root)) from None
+    _check_port_clashes(cfg, source, root)
+    return cfg
+
+
+_ANY_HOST = {"*", "", "0.0.0.0", "::"}
+_LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
+
+
+def _check_port_clashes(cfg: FacewatchConfig, source: str, root) -> None:
+    """Two listeners of this daemon on one port (the event socket, /metrics, the tcp links):
+    one of them could never bind, so it is refused here naming both keys."""
+    listeners = []   # (key path, what, host, port)
+    endpoint = cfg.publish.endpoint
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if port.isdigit():
+            listeners.append((("publish", "endpoint"), f"publish.endpoint {endpoint}",
+                              host.strip("[]"), int(port)))
+    if cfg.metrics.enabled:
+        listeners.append((("metrics", "port"), f"metrics.port {cfg.metrics.port}",
+                          cfg.metrics.host, cfg.metrics.port))
+    if cfg.runtime.transport == "tcp":
+        base = cfg.runtime.base_port
+        listeners += [(("runtime", "base_port"), f"runtime.base_port {base} (uses {base}-{base + 3})",
+                       cfg.runtime.host, base + i) for i in range(4)]
+    for i, (loc_a, what_a, host_a, port_a) in enumerate(listeners):
+        for loc_b, what_b, host_b, port_b in listeners[i + 1:]:
+            if loc_a == loc_b or port_a != port_b:
+                continue
+            a, b = (_LOOPBACK_NAMES.get(h, h) for h in (host_a, host_b))
+            if a == b or a in _ANY_HOST or b in _ANY_HOST:
+                line = _line_of(root, loc_b) if root is not None else None
+                raise ConfigError(f"{source}: {_path_text(loc_b)}"
+                                  f"{f' (line {line})' if line else ''}: port {port_b} is also "
+                                  f"used by {what_a}; {what_b} needs a port of its own")
 
 
 def load_config(path, cameras: list[tuple[str, str]] | None = None, gallery: str | None = None,

@@ -37,11 +37,11 @@ from pathlib import Path
 from daemon.config import FacewatchConfig
 from daemon.sdnotify import Notifier
 from daemon.worker import SUPERVISOR_PID_ENV
-from stages.errors import EXIT_SETUP
+from stages.errors import EXIT_SETUP, SetupError
 from stages.messages import EndOfStream
 from stages.metrics import Metrics, mark_process_dead, serve
 from stages.stage import Backoff
-from stages.transport import Endpoints, Transport
+from stages.transport import Endpoints, Transport, tcp_bind_problem
 
 log = logging.getLogger("facewatch.supervisor")
 
@@ -340,6 +340,22 @@ class Supervisor:
         self.signal_received = signum     # handled by the main loop, never in the handler
         self.signal_count += 1
 
+    def _check_ports(self) -> None:
+        """tcp endpoints this host's stages bind, checked before any stage starts: a taken port
+        is one line naming it, not a stage restarting forever."""
+        kinds = {st.kind for st in self.stages.values()}
+        wanted = []
+        if "publish" in kinds:
+            wanted.append(("publish.endpoint", self.cfg.publish.endpoint))
+        for kind in ("detect", "embed", "match", "publish"):
+            if kind in kinds and self.cfg.runtime.transport == "tcp":
+                wanted.append((f"runtime.base_port ({kind} input)",
+                               self.endpoints.input_of(kind)))
+        for key, endpoint in wanted:
+            problem = tcp_bind_problem(endpoint)
+            if problem:
+                raise SetupError(f"cannot start: {key} {endpoint}: {problem}")
+
     def _on_hup(self, _signum, _frame) -> None:
         self.hup_received = True
 
@@ -362,14 +378,21 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
-        try:
+        try:   # a taken port: one clear line naming it, before any stage starts
             control = self.transport.control_server(self.endpoints.control)
             if self.cfg.metrics.enabled:
-                self.metrics_server = serve(self.cfg.metrics.host, self.cfg.metrics.port)
-        except OSError as exc:   # e.g. the metrics port is taken: one clear line, exit 2
+                try:
+                    self.metrics_server = serve(self.cfg.metrics.host, self.cfg.metrics.port)
+                except OSError as exc:
+                    raise SetupError(f"cannot start: metrics.port {self.cfg.metrics.port} on "
+                                     f"{self.cfg.metrics.host}: {exc.strerror or exc}") from None
+            self._check_ports()
+        except (OSError, SetupError):
             self.transport.close(linger_ms=0)
-            raise ValueError(f"cannot start: {exc} (metrics.host/port "
-                             f"{self.cfg.metrics.host}:{self.cfg.metrics.port})") from exc
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+                self.metrics_server.server_close()
+            raise
         if self.metrics_server is not None:
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.cfg.metrics.port)
         # Every configured camera and stage is exported from the start, as 0 until it is up

@@ -20,7 +20,8 @@ import cv2
 
 from stages.messages import EVENT_SCHEMA, Message, TrackDecision, event_json
 from stages.stage import Stage
-from stages.transport import CurveServer
+from stages.errors import SetupError
+from stages.transport import AddressInUse, CurveServer
 
 
 class EventLog:
@@ -212,7 +213,12 @@ class PublishStage(Stage):
         curve = None
         if self.pcfg.curve_secret_key_file is not None:
             curve = CurveServer.load(self.pcfg.curve_secret_key_file, self.pcfg.curve_clients_dir)
-        self.pub = self.ctx.transport.publisher(self.pcfg.endpoint, hwm=self.pcfg.hwm, curve=curve)
+        try:
+            self.pub = self.ctx.transport.publisher(self.pcfg.endpoint, hwm=self.pcfg.hwm,
+                                                    curve=curve)
+        except AddressInUse:   # stop the daemon naming the key, instead of restarting forever
+            raise SetupError(f"publish.endpoint {self.pcfg.endpoint} is already in use by "
+                             f"another process; stop it or choose another port") from None
         if self.pcfg.event_log is not None:
             self.log_file = EventLog(self.pcfg.event_log, self.metrics, self.log)
         self.log.info("publishing events on %s%s%s", self.pcfg.endpoint,

@@ -15,8 +15,10 @@ encrypted, and, with a clients folder, open only to the client keys in it (a ZAP
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -125,6 +127,35 @@ class CurveServer:
         if clients_dir is not None and not Path(clients_dir).is_dir():
             raise SetupError(f"publish.curve_clients_dir: folder not found: {clients_dir}")
         return cls(public, secret, None if clients_dir is None else Path(clients_dir))
+
+
+class AddressInUse(SetupError):
+    """A tcp endpoint this process must bind is taken by another process."""
+
+
+def tcp_bind_problem(endpoint: str) -> str | None:
+    """Why a tcp:// endpoint cannot be bound here now (taken, or not an address of this host),
+    or None (free, ipc://, or an interface name only ZeroMQ resolves). Binds and closes a plain
+    socket with SO_REUSEADDR, as ZeroMQ does, so a port in TIME_WAIT counts as free."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    host = "0.0.0.0" if host in ("*", "") else host
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, ValueError):
+        return None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "address already in use by another process"
+            return exc.strerror or str(exc)
+    return None
 
 
 class Sender:
@@ -255,6 +286,9 @@ class Transport:
                 sock.connect(endpoint)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
+            if bind and exc.errno == errno.EADDRINUSE:   # a restart cannot fix this
+                raise AddressInUse(f"cannot bind {endpoint}: address already in use by another "
+                                   f"process") from None
             raise OSError(f"cannot {'bind' if bind else 'connect'} {endpoint}: {exc}") from exc
         self._sockets.append(sock)
         return sock

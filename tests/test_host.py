@@ -483,3 +483,83 @@ def test_camera_up_is_exported_for_cameras_that_never_connected(short_video, sho
     sink.until(lambda: any(f.camera == "good" for f in sink.frames), 30, "frames after SIGHUP")
     assert {name: s["pid"] for name, s in daemon.status()["stages"].items()} == pids
     assert daemon.stop(10) == 0
+
+
+# --- issue 13, item 3: a taken port ------------------------------------------------------------
+
+def listener() -> tuple[object, int]:
+    """Another process's socket, as far as the daemon is concerned: bound and listening."""
+    import socket
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock, sock.getsockname()[1]
+
+
+def run_cli(*args: str, timeout: float = 90) -> tuple[int, str, float]:
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"still running after {timeout} s (restarting?):\n{exc.stdout}{exc.stderr}")
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started
+
+
+@pytest.mark.timeout(120)
+def test_taken_event_port_fails_fast_naming_it(short_dir):
+    sock, port = listener()
+    with sock:
+        endpoint = f"tcp://127.0.0.1:{port}"
+        config = publish_only_config(short_dir, publish={"endpoint": endpoint})
+        code, out, took = run_cli("run", "--config", str(config), timeout=60)
+    assert code != 0, out
+    assert f"publish.endpoint {endpoint}: address already in use" in out, out
+    assert "started publish" not in out and "restart #" not in out and "Traceback" not in out
+    assert took < 30, took
+
+
+@pytest.mark.timeout(120)
+def test_publish_stage_on_a_taken_port_exits_78(short_dir):
+    """The stage itself (its port taken after the supervisor's check, e.g. on a restart):
+    exit 78, so the supervisor stops instead of restarting it."""
+    from stages.errors import EXIT_SETUP
+
+    sock, port = listener()
+    with sock:
+        endpoint = f"tcp://127.0.0.1:{port}"
+        config = publish_only_config(short_dir, publish={"endpoint": endpoint})
+        proc = subprocess.run([sys.executable, "-m", "daemon.worker", "--stage", "publish",
+                               "--config", str(config)], cwd=REPO, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == EXIT_SETUP, proc.stderr
+    assert f"publish.endpoint {endpoint} is already in use by another process" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_taken_metrics_port_fails_fast_naming_it(short_dir):
+    sock, port = listener()
+    with sock:
+        config = publish_only_config(short_dir, metrics={"port": port})
+        code, out, took = run_cli("run", "--config", str(config), timeout=40)
+    assert code != 0 and f"metrics.port {port} on 127.0.0.1: Address already in use" in out, out
+    assert "started publish" not in out and took < 30
+
+
+@pytest.mark.parametrize("sections, key, needle", [
+    ({"publish": {"endpoint": "tcp://127.0.0.1:9200"}, "metrics": {"port": 9200}},
+     "metrics.port", "port 9200 is also used by publish.endpoint tcp://127.0.0.1:9200"),
+    ({"publish": {"endpoint": "tcp://127.0.0.1:5582"}, "runtime": {"transport": "tcp"}},
+     "runtime.base_port", "port 5582 is also used by publish.endpoint"),
+    ({"metrics": {"host": "0.0.0.0", "port": 5580}, "runtime": {"transport": "tcp"}},
+     "runtime.base_port", "port 5580 is also used by metrics.port 5580"),
+])
+def test_validate_config_refuses_port_clashes(sections, key, needle, tmp_path):
+    from conftest import write_config
+
+    config = write_config(tmp_path / "config.yaml", [{"name": "c", "uri": "/dev/video0"}],
+                          **sections)
+    code, out, _ = run_cli("validate-config", str(config), timeout=60)
+    assert code != 0, out
+    assert f"{key} (line " in out and needle in out, out
