@@ -39,6 +39,7 @@ from daemon.sdnotify import Notifier
 from daemon.worker import SUPERVISOR_PID_ENV
 from stages.errors import EXIT_SETUP, SetupError
 from stages.messages import EndOfStream
+from stages import run_state
 from stages.metrics import Metrics, mark_process_dead, serve
 from stages.stage import Backoff
 from stages.transport import Endpoints, Transport, tcp_bind_problem
@@ -395,6 +396,9 @@ class Supervisor:
             raise
         if self.metrics_server is not None:
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.cfg.metrics.port)
+        # event seq and track ids continue across stage restarts from here (stages.run_state)
+        self.run_id = run_state.create(self.runtime_dir)
+        log.info("run %s", self.run_id)
         # Every configured camera and stage is exported from the start, as 0 until it is up
         # (livemax: a capture's 1 wins while it runs), so an alert on camera_up == 0 fires for a
         # camera that never connected too.

@@ -28,6 +28,8 @@ class DetectStage(BatchingStage):
         self.trackers: dict = {}
         self.gate = QualityGate(self.dcfg.min_face_px, self.dcfg.min_blur)
         self.epoch = int(time.time() * 1000)   # new per process: tells downstream tracks restarted
+        self.counters = None
+        self.run_ids: dict[str, dict[int, int]] = {}   # camera -> tracker's id -> run-wide id
         self.crop_spec = None
         self.landmark_model = None
         self._tracker_args = None
@@ -37,6 +39,9 @@ class DetectStage(BatchingStage):
 
     def setup(self) -> None:
         from stages.embed_stage import read_embedder_info
+        from stages.run_state import RunCounters
+
+        self.counters = RunCounters(self.cfg.runtime.dir)
         from stages.face_detector import detector_from_config
         from stages.face_landmarks import landmark_model_from_config
         from stages.tracking import tracker_args
@@ -103,9 +108,10 @@ class DetectStage(BatchingStage):
         boxes = tracks.boxes[idx] + np.array([frame.roi_x, frame.roi_y] * 2, np.float32)
         return FaceCrops(camera=cam, frame_index=frame.frame_index, pts=frame.pts,
                          wall_ts=frame.wall_ts, epoch=self.epoch,
-                         track_ids=tracks.track_ids[idx], boxes=boxes.astype(np.float32),
+                         track_ids=self._run_ids(cam, tracks.track_ids[idx]),
+                         boxes=boxes.astype(np.float32),
                          scores=tracks.scores[idx], blur=blur[sharp], crops=crops[sharp],
-                         ended_tracks=np.asarray(tracks.ended, np.int64))
+                         ended_tracks=self._ended(cam, tracks.ended))
 
     def end_of_stream(self, camera: str) -> list[Message]:
         out = self.flush()
@@ -117,8 +123,24 @@ class DetectStage(BatchingStage):
                 track_ids=np.zeros(0, np.int64), boxes=np.zeros((0, 4), np.float32),
                 scores=np.zeros(0, np.float32), blur=np.zeros(0, np.float32),
                 crops=np.zeros((0, self.crop_spec.size, self.crop_spec.size, 3), np.uint8),
-                ended_tracks=np.asarray(ended, np.int64)))
+                ended_tracks=self._ended(camera, ended)))
+        self.run_ids.pop(camera, None)
         return out
+
+    def _run_ids(self, camera: str, ids: np.ndarray) -> np.ndarray:
+        """Tracker ids -> run-wide ids: unique within the daemon run whatever restarts or
+        resets the tracker (stages.run_state)."""
+        known = self.run_ids.setdefault(camera, {})
+        out = []
+        for tid in ids.tolist():
+            if tid not in known:
+                known[tid] = self.counters.take("track_id") + 1
+            out.append(known[tid])
+        return np.asarray(out, np.int64)
+
+    def _ended(self, camera: str, ended) -> np.ndarray:
+        known = self.run_ids.setdefault(camera, {})
+        return np.asarray([known.pop(t) for t in ended if t in known], np.int64)
 
     def heartbeat_detail(self) -> dict:
         return {"cameras": len(self.trackers)}

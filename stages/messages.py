@@ -10,6 +10,14 @@ pickled: a receiver only ever builds numbers, strings and arrays of whitelisted 
 
 Published events (`facewatch events`, external subscribers) are plain JSON objects with
 `EVENT_SCHEMA`; `event_json` / `parse_event` are the one definition of that wire format.
+
+Event identity, guaranteed within one daemon run (`run_id`, new each time the daemon starts),
+whatever stages crash and restart meanwhile (stages.run_state keeps the counters):
+- `seq` strictly increases, by 1 per event; a gap means events were lost (publish died with
+  them, or the subscriber's queue overflowed). A new run starts again at 0 with a new run_id.
+- `track_id` names one track: a (camera, track_id) pair is never reused within the run, also
+  after detect restarts or a camera's stream ends and starts again.
+- `event_id` is a random UUID, unique across runs.
 """
 from __future__ import annotations
 
@@ -261,6 +269,8 @@ class SeqTracker:
 EVENT_FIELDS = ("schema", "type", "seq", "event_id", "camera", "track_id", "name", "person_id",
                 "similarity", "threshold", "votes", "bbox", "frame_pts", "ts", "capture_ts",
                 "latency_ms")
+# Also sent, optional for parse_event (older facewatch.event/1 producers lack them): "run_id"
+# (hex, see the module docstring), "snapshot_jpeg" (base64, publish.snapshots).
 
 
 def event_json(event: dict) -> bytes:

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 
 from stages.messages import EVENT_SCHEMA, Message, TrackDecision, event_json
+from stages.run_state import RunCounters
 from stages.stage import Stage
 from stages.errors import SetupError
 from stages.transport import AddressInUse, CurveServer
@@ -207,9 +208,11 @@ class PublishStage(Stage):
         self.pcfg = ctx.config.publish
         self.pub = None
         self.log_file: EventLog | None = None
-        self.seq = 0
+        self.counters: RunCounters | None = None
+        self.seq = -1
 
     def setup(self) -> None:
+        self.counters = RunCounters(self.cfg.runtime.dir)
         curve = None
         if self.pcfg.curve_secret_key_file is not None:
             curve = CurveServer.load(self.pcfg.curve_secret_key_file, self.pcfg.curve_clients_dir)
@@ -229,6 +232,7 @@ class PublishStage(Stage):
         now = time.time()
         event = {
             "schema": EVENT_SCHEMA, "type": msg.type, "seq": self.seq,
+            "run_id": self.counters.run_id,
             "event_id": str(uuid.uuid4()), "camera": msg.camera, "track_id": msg.track_id,
             "name": msg.name, "person_id": msg.person_id, "similarity": msg.similarity,
             "threshold": msg.threshold, "votes": msg.votes, "bbox": msg.bbox,
@@ -246,12 +250,14 @@ class PublishStage(Stage):
         if not isinstance(msg, TrackDecision):
             self.log.warning("ignored unexpected %s", msg.KIND)
             return []
+        # Taken before sending: a crash may leave a gap in seq (an event possibly lost), never
+        # a repeated number, and a restarted publish goes on from here (stages.run_state).
+        self.seq = self.counters.take("event_seq")
         event = self.event(msg)
         data = event_json(event)
         self.pub.send(data)   # PUB never blocks: a slow subscriber loses events at its HWM
         if self.log_file is not None:
             self.log_file.write(data)
-        self.seq += 1
         self.metrics.events_published.labels(msg.type).inc()
         if msg.type != "track_ended":
             self.metrics.end_to_end_latency.labels(msg.camera).observe(event["latency_ms"] / 1000)
@@ -275,3 +281,5 @@ class PublishStage(Stage):
     def teardown(self) -> None:
         if self.log_file is not None:
             self.log_file.close()
+        if self.counters is not None:
+            self.counters.close()

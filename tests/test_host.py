@@ -563,3 +563,107 @@ def test_validate_config_refuses_port_clashes(sections, key, needle, tmp_path):
     code, out, _ = run_cli("validate-config", str(config), timeout=60)
     assert code != 0, out
     assert f"{key} (line " in out and needle in out, out
+
+
+# --- issue 13, item 5: event identity survives stage restarts ---------------------------------
+
+def last_logged(path: Path, track_id: int):
+    return lambda: (lines := log_lines(path)) and lines[-1]["track_id"] == track_id and lines
+
+
+@pytest.mark.timeout(180)
+def test_seq_strictly_increases_across_publish_restarts(short_dir, daemons, subscribers):
+    """publish SIGKILLed twice: every event of the run, in the log and at the subscriber, has
+    a larger seq than the one before it, and the same run_id."""
+    config = publish_only_config(short_dir)
+    cfg = yaml.safe_load(config.read_text())
+    log_path = Path(cfg["publish"]["event_log"])
+    daemon = daemons(config, short_dir / "run")
+    daemon.wait_ready(90)
+    sub = subscribers(cfg["publish"]["endpoint"])
+    feed = DecisionFeed(short_dir / "run")
+    try:
+        connect(feed, sub)
+        for kill in range(1, 3):
+            for _ in range(10):
+                assert feed.send()
+            wait_for(last_logged(log_path, feed.sent), 20, "the events logged")
+            old = daemon.stage("publish")["pid"]
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: daemon.stage("publish").get("restarts") == kill and
+                     daemon.stage("publish").get("ready") and
+                     daemon.stage("publish").get("pid") != old, 60, "publish restarted")
+        wait_for(lambda: feed.send() and last_logged(log_path, feed.sent)(), 30,
+                 "events after the last restart")
+        logged = log_lines(log_path)
+        seqs = [e["seq"] for e in logged]
+        assert all(b > a for a, b in zip(seqs, seqs[1:])), f"seq went back: {seqs}"
+        assert len({e["run_id"] for e in logged}) == 1
+        got = [e["seq"] for e in sub.events]
+        assert all(b > a for a, b in zip(got, got[1:])), f"the subscriber saw seq go back: {got}"
+        assert daemon.stage("publish")["restarts"] == 2
+        assert daemon.stop(10) == 0
+    finally:
+        feed.close()
+
+
+@pytest.mark.timeout(300)
+def test_track_ids_are_never_reused_across_detect_restarts(models, short_video, short_dir,
+                                                          daemons):
+    """Only detect runs in the daemon; the test is its capture (PUSHes the frames of a face
+    video) and its embed stage (binds the faces socket). detect is SIGKILLed between two passes
+    of the video: the second pass's tracks get new ids, never the first pass's."""
+    import cv2
+    from conftest import write_config
+    from stages.messages import FaceCrops, VideoFrame
+
+    run = short_dir / "run"
+    config = write_config(short_dir / "config.yaml", [{"name": "door",
+                                                       "uri": "rtsp://127.0.0.1:9/unused"}],
+                          runtime={"dir": str(run)}, supervisor={"stages": ["detect"]},
+                          detect={"track_buffer": 5, "batch_max": 4})
+    cap = cv2.VideoCapture(str(short_video.path))
+    images = []
+    while (frame := cap.read()[1]) is not None:
+        images.append(frame)
+    transport = Transport()
+    endpoints = Endpoints.for_runtime("ipc", run)
+    faces = transport.receiver(endpoints.faces)
+    frames = transport.sender(endpoints.frames, "capture:door")
+    daemon = daemons(config, run)
+    try:
+        daemon.wait_ready(120)
+        index = iter(range(10**6))
+
+        def one_pass() -> set[int]:
+            """The video once (tracks end in the blank frames after it); the ids detect sent."""
+            pid = daemon.stage("detect")["pid"]
+            for image in images + [np.full_like(images[0], 96)] * 8:
+                i = next(index)
+                assert frames.send(VideoFrame(camera="door", frame_index=i, pts=i / 25,
+                                              wall_ts=time.time(), frame_width=image.shape[1],
+                                              frame_height=image.shape[0], image=image), 30)
+            ids: set[int] = set()
+            ended: set[int] = set()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (ids and ids <= ended):
+                msg = faces.recv(0.2)
+                if isinstance(msg, FaceCrops) and msg.instance == pid:
+                    ids |= set(msg.track_ids.tolist())
+                    ended |= set(msg.ended_tracks.tolist())
+            assert ids, "no face tracked: is the detector trained?"
+            return ids
+
+        before = one_pass()
+        old = daemon.stage("detect")["pid"]
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: daemon.stage("detect").get("restarts") == 1 and
+                 daemon.stage("detect").get("ready") and
+                 daemon.stage("detect").get("pid") != old, 120, "detect restarted")
+        after = one_pass()
+        print(f"track ids before the restart {sorted(before)}, after {sorted(after)}")
+        assert not before & after, "a track id was reused after detect restarted"
+        assert min(after) > max(before)
+        assert daemon.stop(10) == 0
+    finally:
+        transport.close(linger_ms=0)
