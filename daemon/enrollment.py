@@ -1,8 +1,15 @@
 """Enrollment: photos of one person -> checked face crops -> embeddings -> one gallery transaction.
 
-Every photo is checked (readable, sane size, exactly one face, big and sharp enough) before
+Every photo is checked (readable, sane size, one face to take, big and sharp enough) before
 anything is written, so a bad photo leaves the gallery untouched. The crop is `crop_faces`, the
 one the daemon and the embedder's training use.
+
+Which face: the only one, or the dominant one, clearly the largest (at least DOMINANT_AREA_RATIO
+times the area of the next); otherwise the photo is refused with the faces listed (largest
+first) so the operator can choose one with `--face N` or crop the photo. A face that fills the
+photo is too large for the detector's training distribution: when the photo itself shows no
+face, it is detected again shrunk into a larger canvas (PAD_CANVASES), as if it had been taken
+from further away.
 """
 from __future__ import annotations
 
@@ -31,6 +38,11 @@ MIN_FACE_HEIGHT_PX = 40         # face box height in the photo; smaller faces em
 # 112 px: sharp photos 58 (1st percentile) to 207 (median); Gaussian blur of sigma ~2.4 crop px
 # gives a median of 18; a 40 px face upscaled gives 28 (1st percentile).
 MIN_SHARPNESS = 25.0
+DOMINANT_AREA_RATIO = 2.0       # the largest face is taken when at least this x the next one's area
+# Canvas sizes (x the photo's longer side) the photo is centred in when it shows no face as it
+# is: a face filling a portrait photo is found once it fills about half the detector's input.
+PAD_CANVASES = (2.0, 3.0)
+PAD_VALUE = 114                 # the detector's letterbox grey
 
 
 class EnrollmentError(ValueError):
@@ -108,14 +120,63 @@ def sharpness(crop: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
-def face_sample(path: Path, frame: np.ndarray, detections: Detections, embedder: Embedder) -> FaceSample:
-    """The one face of a photo, cropped for the embedder, or an error saying what is wrong."""
+def detect_faces(detector: Detector, frame: np.ndarray) -> Detections:
+    """The photo's faces; when it shows none as it is, the photo is centred in larger grey
+    canvases in turn (a face filling the photo is then the size the detector knows) and the
+    boxes are mapped back onto the photo."""
+    found = detector.detect([frame])[0]
+    h, w = frame.shape[:2]
+    for factor in PAD_CANVASES:
+        if len(found):
+            break
+        side = int(round(max(h, w) * factor))
+        top, left = (side - h) // 2, (side - w) // 2
+        canvas = cv2.copyMakeBorder(frame, top, side - h - top, left, side - w - left,
+                                    cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+        d = detector.detect([canvas])[0]
+        if len(d) == 0:
+            continue
+        shift = np.array([left, top], np.float32)
+        boxes = d.boxes - np.tile(shift, 2)
+        boxes = np.clip(boxes, 0, np.array([w, h, w, h], np.float32)).astype(np.float32)
+        landmarks = None if d.landmarks is None else (d.landmarks - shift).astype(np.float32)
+        found = Detections(boxes, d.scores, landmarks)
+        log.debug("face found with the photo in a %dx canvas", factor)
+    return found
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def face_sample(path: Path, frame: np.ndarray, detections: Detections, embedder: Embedder,
+                face: int | None = None) -> FaceSample:
+    """The photo's face to enroll (the only one, the dominant one, or `face` N counted from the
+    largest), cropped for the embedder, or an error saying what is wrong and how to choose."""
     if len(detections) == 0:
         raise EnrollmentError(f"no face found in {path}")
-    if len(detections) > 1:
-        scores = ", ".join(f"{s:.2f}" for s in sorted(detections.scores, reverse=True))
-        raise EnrollmentError(f"{len(detections)} faces found in {path}, expected exactly one "
-                              f"(scores {scores}); crop the photo to one person")
+    order = np.argsort(-_area(detections.boxes), kind="stable")
+    areas = _area(detections.boxes)[order]
+    if face is not None:
+        if not 1 <= face <= len(order):
+            raise EnrollmentError(f"--face {face}: {path} has {len(order)} face"
+                                  f"{'s' if len(order) != 1 else ''} (1 = the largest)")
+        pick = int(order[face - 1])
+    elif len(order) == 1 or areas[0] >= DOMINANT_AREA_RATIO * areas[1]:
+        pick = int(order[0])
+    else:
+        listed = "; ".join(
+            f"{n}: [{', '.join(str(int(round(v))) for v in detections.boxes[i])}] "
+            f"{int(round(detections.boxes[i][2] - detections.boxes[i][0]))}x"
+            f"{int(round(detections.boxes[i][3] - detections.boxes[i][1]))} px, "
+            f"score {detections.scores[i]:.2f}" for n, i in enumerate(order, 1))
+        raise EnrollmentError(
+            f"{len(order)} faces found in {path} and none is clearly the largest (at least "
+            f"{DOMINANT_AREA_RATIO:g}x the area of the next): {listed}; choose one with "
+            f"--face N (1 = the largest) or crop the photo to one person")
+    detections = Detections(detections.boxes[pick:pick + 1], detections.scores[pick:pick + 1],
+                            None if detections.landmarks is None
+                            else detections.landmarks[pick:pick + 1])
     box = detections.boxes[0]
     height = float(box[3] - box[1])
     if height < MIN_FACE_HEIGHT_PX:
@@ -131,8 +192,9 @@ def face_sample(path: Path, frame: np.ndarray, detections: Detections, embedder:
 
 
 def prepare(image_paths: Sequence[str | os.PathLike], detector: Detector,
-            embedder: Embedder) -> tuple[list[FaceSample], np.ndarray]:
-    """Check every photo and embed the faces; raise one error listing every refused photo."""
+            embedder: Embedder, face: int | None = None) -> tuple[list[FaceSample], np.ndarray]:
+    """Check every photo and embed the faces; raise one error listing every refused photo.
+    `face`: take face N (1 = the largest) of every photo instead of the dominant one."""
     if not image_paths:
         raise EnrollmentError("no images given")
     samples: list[FaceSample] = []
@@ -141,7 +203,7 @@ def prepare(image_paths: Sequence[str | os.PathLike], detector: Detector,
         path = Path(raw)
         try:
             frame = load_image(path)
-            samples.append(face_sample(path, frame, detector.detect([frame])[0], embedder))
+            samples.append(face_sample(path, frame, detect_faces(detector, frame), embedder, face))
         except (EnrollmentError, FileNotFoundError) as exc:
             problems.append(str(exc))
     if problems:

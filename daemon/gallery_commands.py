@@ -1,4 +1,10 @@
-"""`facewatch enroll` and `facewatch gallery list|remove|export|check`: operator commands."""
+"""`facewatch enroll` and `facewatch gallery list|remove|export|check`: operator commands.
+
+Both take the daemon's `--config`: enrollment then uses its models (detector, embedder,
+landmarks, providers) and its `gallery.path`, so the daemon can compare what was enrolled;
+`--gallery`, `--detector`, ... override single items. Without a config, the shipped models
+(stages.model_files) are used and `--gallery` is required.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,21 +15,61 @@ from pathlib import Path
 
 from stages.gallery import Gallery, GalleryError, check_name, file_model_id
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+def _config(path: Path | None):
+    if path is None:
+        return None
+    from daemon.config import load_config
+
+    return load_config(path)
+
+
+def gallery_path(args: argparse.Namespace, cfg) -> Path:
+    path = getattr(args, "gallery", None)
+    if path is None and cfg is not None:
+        return cfg.gallery.path
+    if path is None:
+        raise ValueError("no gallery: pass --config CONFIG (its gallery.path) or --gallery PATH")
+    return path
 
 
 def add_enroll_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gallery", required=True, type=Path, help="gallery file (created if missing)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the daemon's config file: its models and gallery.path are used")
+    p.add_argument("--gallery", type=Path, default=None,
+                   help="gallery file (created if missing); default: the config's gallery.path")
     p.add_argument("--name", required=True, help="the person's name (adds to them if enrolled)")
-    p.add_argument("images", nargs="+", type=Path, help="photos with exactly one face each")
-    p.add_argument("--detector", type=Path, default=MODELS_DIR / "face_detector.onnx",
-                   help="face detector ONNX (default: the repository's models/)")
-    p.add_argument("--embedder", type=Path, default=MODELS_DIR / "face_embedder.onnx",
-                   help="face embedder ONNX; the gallery records which file made its embeddings")
-    p.add_argument("--landmarks", type=Path, default=MODELS_DIR / "face_landmarks.onnx",
+    p.add_argument("images", nargs="+", type=Path,
+                   help="photos of the person: one face each, or one clearly largest face")
+    p.add_argument("--face", type=int, default=None, metavar="N",
+                   help="take face N (1 = largest, as listed when a photo is refused) from "
+                        "every photo, instead of the one dominant face")
+    p.add_argument("--detector", type=Path, default=None,
+                   help="face detector ONNX (default: the config's models.detector, else the "
+                        "shipped model)")
+    p.add_argument("--embedder", type=Path, default=None,
+                   help="face embedder ONNX; the gallery records which file made its embeddings "
+                        "(default: the config's models.embedder, else the shipped model)")
+    p.add_argument("--landmarks", type=Path, default=None,
                    help="landmark model ONNX, used when the embedder aligns faces on five points "
-                        "(as models.landmarks in the daemon's config)")
+                        "(default: the config's models.landmarks, else the shipped model)")
     p.add_argument("--cpu", action="store_true", help="use the CPU even where CUDA is available")
+
+
+def enroll_models(args: argparse.Namespace, cfg) -> tuple[Path, Path, Path | None, tuple]:
+    """(detector, embedder, landmarks, providers): the options, else the config's, else shipped."""
+    from stages import model_files
+    from stages.onnx_session import DEFAULT_PROVIDERS
+
+    m = cfg.models if cfg is not None else None
+    detector = args.detector or (m.detector if m else model_files.shipped_model(model_files.DETECTOR))
+    embedder = args.embedder or (m.embedder if m else model_files.shipped_model(model_files.EMBEDDER))
+    landmarks = args.landmarks or (m.landmarks if m else
+                                   model_files.shipped_model(model_files.LANDMARKS))
+    providers = tuple(m.providers) if m else DEFAULT_PROVIDERS
+    if args.cpu:
+        providers = ("CPUExecutionProvider",)
+    return Path(detector), Path(embedder), None if landmarks is None else Path(landmarks), providers
 
 
 def run_enroll(args: argparse.Namespace) -> int:
@@ -32,20 +78,21 @@ def run_enroll(args: argparse.Namespace) -> int:
     from stages.face_detector import FaceDetector
     from stages.face_embedder import FaceEmbedder
     from stages.face_landmarks import landmarks_to_run
-    from stages.onnx_session import DEFAULT_PROVIDERS
 
     check_name(args.name)
-    if args.gallery.exists():  # a damaged gallery fails now, not after the slow part
-        Gallery(args.gallery, create=False).close()
-    providers = ("CPUExecutionProvider",) if args.cpu else DEFAULT_PROVIDERS
-    embedder = FaceEmbedder(args.embedder, providers=providers)
+    cfg = _config(args.config)
+    gallery_file = gallery_path(args, cfg)
+    detector_file, embedder_file, landmarks_file, providers = enroll_models(args, cfg)
+    if gallery_file.exists():  # a damaged gallery fails now, not after the slow part
+        Gallery(gallery_file, create=False).close()
+    embedder = FaceEmbedder(embedder_file, providers=providers)
     # The daemon's detect stage runs the same landmark model on the faces it crops.
-    detector = FaceDetector(args.detector, providers=providers,
-                            landmarks=landmarks_to_run(embedder.crop_spec.alignment, args.landmarks))
-    model_id = file_model_id(args.embedder)
-    samples, embeddings = prepare(args.images, detector, embedder)
+    detector = FaceDetector(detector_file, providers=providers,
+                            landmarks=landmarks_to_run(embedder.crop_spec.alignment, landmarks_file))
+    model_id = file_model_id(embedder_file)
+    samples, embeddings = prepare(args.images, detector, embedder, face=args.face)
     # Opened (and, for a new gallery, created) only once every photo passed.
-    with Gallery(args.gallery) as gallery:
+    with Gallery(gallery_file) as gallery:
         result = store(gallery, args.name, samples, embeddings, model_id)
         total = sum(p.n_embeddings for p in gallery.persons() if p.id == result.person_id)
     for s in result.samples:
@@ -53,20 +100,24 @@ def run_enroll(args: argparse.Namespace) -> int:
         print(f"  {s.source}: face [{x1}, {y1}, {x2}, {y2}] score {s.score:.2f} "
               f"sharpness {s.sharpness:.0f}")
     print(f"enrolled {result.name} (person {result.person_id}): {len(result.samples)} new "
-          f"embeddings, {total} in all, model {model_id}, gallery {args.gallery}")
+          f"embeddings, {total} in all, model {model_id}, gallery {gallery_file}")
     return 0
 
 
 def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
-    # --gallery is accepted before or after the action; SUPPRESS keeps one from erasing the other.
+    # --gallery / --config are accepted before or after the action; SUPPRESS keeps one from
+    # erasing the other.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--gallery", type=Path, default=argparse.SUPPRESS, help="gallery file")
-    p.add_argument("--gallery", type=Path, default=argparse.SUPPRESS, help="gallery file")
+    for parser in (common, p):
+        parser.add_argument("--gallery", type=Path, default=argparse.SUPPRESS,
+                            help="gallery file (default: the config's gallery.path)")
+        parser.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                            help="the daemon's config file: its gallery.path is used")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", parents=[common], help="enrolled people")
     listing.add_argument("--json", action="store_true", help="one JSON object per person")
     remove = actions.add_parser("remove", parents=[common], help="delete a person and their embeddings")
-    remove.add_argument("name")
+    remove.add_argument("name", help="the person to delete")
     export = actions.add_parser("export", parents=[common],
                                 help="write the gallery as JSON (biometric data: keep it private)")
     export.add_argument("--out", type=Path, help="output file (mode 0600); default: stdout")
@@ -74,9 +125,7 @@ def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_gallery(args: argparse.Namespace) -> int:
-    path = getattr(args, "gallery", None)
-    if path is None:
-        raise ValueError("--gallery PATH is required")
+    path = gallery_path(args, _config(getattr(args, "config", None)))
     with Gallery(path, create=False) as gallery:
         return _ACTIONS[args.action](gallery, args)
 

@@ -26,9 +26,10 @@ LANDMARK_SOURCE = ("pseudo-labels from dlib's shape_predictor_5_face_landmarks i
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, required=True, help="ultralytics .pt checkpoint")
-    parser.add_argument("--out", type=Path, default=Path("models/face_detector.onnx"))
+    parser.add_argument("--out", type=Path, default=Path("models/face_detector.onnx"),
+                        help="ONNX file to write (default: models/face_detector.onnx)")
     parser.add_argument("--imgsz", type=int, default=640, help="default inference size in metadata")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset of the export")
     parser.add_argument("--no-eval", action="store_true", help="skip the validation-split evaluation")
 
 

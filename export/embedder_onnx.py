@@ -33,7 +33,8 @@ MAX_ABS_DIFF = 1e-4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="embedder .keras checkpoint")
-    parser.add_argument("--out", type=Path, default=Path("models/face_embedder.onnx"))
+    parser.add_argument("--out", type=Path, default=Path("models/face_embedder.onnx"),
+                        help="ONNX file to write (default: models/face_embedder.onnx)")
     parser.add_argument("--summary", type=Path, default=None,
                         help="training summary.json (default: beside --model, if present)")
     parser.add_argument("--threshold", type=float, default=None,

@@ -30,7 +30,8 @@ POINT_ORDER = ["right_eye_outer", "right_eye_inner", "left_eye_outer", "left_eye
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="landmark .keras checkpoint")
-    parser.add_argument("--out", type=Path, default=Path("models/face_landmarks.onnx"))
+    parser.add_argument("--out", type=Path, default=Path("models/face_landmarks.onnx"),
+                        help="ONNX file to write (default: models/face_landmarks.onnx)")
     parser.add_argument("--summary", type=Path, default=None,
                         help="training summary.json (default: beside --model)")
 

@@ -11,7 +11,13 @@ prometheus_client to catch it.
 """
 from __future__ import annotations
 
-EXIT_SETUP = 78   # sysexits.h EX_CONFIG
+# The exit statuses of `facewatch` (README "Exit statuses"; the unit's RestartPreventExitStatus):
+EXIT_OK = 0               # every stream ended, or SIGTERM/SIGINT and the drain finished
+EXIT_FAILURE = 1          # an unexpected error (a traceback says where)
+EXIT_USAGE = 2            # bad command line; a refused request (enroll photo, gallery action)
+EXIT_CAMERAS_FAILED = 69  # sysexits.h EX_UNAVAILABLE: every camera ended with an error
+EXIT_SETUP = 78           # sysexits.h EX_CONFIG: configuration, model or key file unusable
+EXIT_PIPE = 141           # 128 + SIGPIPE: the reader of stdout went away
 
 
 class SetupError(ValueError):

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score only this side of the committed WIDER split (default: every record)")
     parser.add_argument("--imgsz", type=int, default=None, help="inference size (default: model's)")
     parser.add_argument("--limit", type=int, default=None, help="score the first N images only")
-    parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
+    parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
+                        help="onnxruntime execution providers, in order of preference")
     parser.add_argument("--landmarks", type=Path, default=None,
                         help="landmark model ONNX run on the detected boxes (replaces the detector's "
                              "own keypoints), as the daemon runs it")

@@ -63,8 +63,10 @@ DECISIONS = ("recognized", "unknown")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=Path, default=None, help="LFW deep-funneled folder "
                         "(default: $FACEWATCH_DATA/lfw/lfw-deepfunneled)")
-    parser.add_argument("--detector", type=Path, default=MODELS_DIR / "face_detector.onnx")
-    parser.add_argument("--embedder", type=Path, default=MODELS_DIR / "face_embedder.onnx")
+    parser.add_argument("--detector", type=Path, default=MODELS_DIR / "face_detector.onnx",
+                        help="face detector ONNX (default: the repository's models/)")
+    parser.add_argument("--embedder", type=Path, default=MODELS_DIR / "face_embedder.onnx",
+                        help="face embedder ONNX (default: the repository's models/)")
     parser.add_argument("--landmarks", type=Path, default=MODELS_DIR / "face_landmarks.onnx",
                         help="landmark model, for an embedder that aligns on five points")
     parser.add_argument("--enrolled", type=int, default=None,

@@ -129,8 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from training.embedder_data import DEFAULT_DETECTOR
 
     parser.add_argument("--images", type=Path, default=None, help="LFW folder")
-    parser.add_argument("--detector", type=Path, default=DEFAULT_DETECTOR)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--detector", type=Path, default=DEFAULT_DETECTOR,
+                        help="face detector ONNX whose boxes the faces use")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes")
     unlabelled_teacher.add_arguments(parser)
 
 

@@ -36,12 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON with 'train' and 'val' image lists (default: the committed split)")
     parser.add_argument("--size", choices=["n", "s", "m"], default="n", help="YOLOv8 model size")
     parser.add_argument("--imgsz", type=int, default=640, help="training image size (pixels)")
-    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=300, help="total epochs of the run")
     parser.add_argument("--hours", type=float, default=None,
                         help="wall-clock budget; ultralytics fits the LR schedule to it")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16, help="images per training batch")
     parser.add_argument("--device", default="cpu", help="'cpu' or a CUDA index such as '0'")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
     parser.add_argument("--name", default=None,
                         help="run name (default yolov8<size>-<imgsz>, with --pose yolov8<size>-pose-<imgsz>)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last.pt")

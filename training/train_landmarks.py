@@ -37,15 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--wider", type=Path, default=None, help="WIDER FACE folder with images/ and labels/")
     a("--detector", type=Path, default=DEFAULT_DETECTOR, help="detector whose boxes LFW faces use")
     a("--size", type=int, default=DEFAULT_SIZE, help="input crop side, pixels")
-    a("--crop-scale", type=float, default=DEFAULT_SCALE)
-    a("--epochs", type=int, default=40)
-    a("--batch", type=int, default=64)
-    a("--lr", type=float, default=2e-3)
+    a("--crop-scale", type=float, default=DEFAULT_SCALE, help="box crop scale of the input")
+    a("--epochs", type=int, default=40, help="total epochs of the run")
+    a("--batch", type=int, default=64, help="faces per training batch")
+    a("--lr", type=float, default=2e-3, help="peak learning rate")
     a("--max-faces", type=int, default=None, help="train on this many faces only (tests)")
     a("--max-people", type=int, default=None,
       help="LFW people per side of the split (tests; the full teacher cache takes ~20 CPU min)")
     a("--max-wider-images", type=int, default=None, help="WIDER images per side of the split (tests)")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="random seed")
     a("--out", default="landmarks-64", help="run name under runs/landmarks_model/")
 
 
