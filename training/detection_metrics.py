@@ -65,11 +65,14 @@ def recall_at_precision(precision: np.ndarray, recall: np.ndarray, min_precision
     return float(recall[ok].max()) if np.any(ok) else 0.0
 
 
-def evaluate(per_image, min_height: float = 0.0, iou_threshold: float = 0.5) -> dict:
-    """per_image: iterable of (det_boxes, det_scores, gt_boxes, gt_invalid)."""
+def evaluate(per_image, min_height: float = 0.0, iou_threshold: float = 0.5,
+             max_height: float = np.inf) -> dict:
+    """per_image: iterable of (det_boxes, det_scores, gt_boxes, gt_invalid). Faces outside
+    [min_height, max_height) pixels tall are ignored: a size band is scored on its own."""
     all_scores, all_tps, n_pos = [], [], 0
     for boxes, scores, gt_boxes, gt_invalid in per_image:
-        ignore = gt_invalid | ((gt_boxes[:, 3] - gt_boxes[:, 1]) < min_height)
+        heights = gt_boxes[:, 3] - gt_boxes[:, 1]
+        ignore = gt_invalid | (heights < min_height) | (heights >= max_height)
         s, t, n = match_image(boxes, scores, gt_boxes, ignore, iou_threshold)
         all_scores.append(s)
         all_tps.append(t)

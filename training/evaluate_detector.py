@@ -28,6 +28,7 @@ from training.landmark_metrics import landmark_nme, match_faces, summarise_nme
 from training.wider_gt import read_wider_gt
 
 LARGE_FACE_PX = 32
+SMALL_FACE_PX = 16  # the small band scored on its own: 16 <= height < 32 px
 # A low threshold traces the whole precision/recall curve; the daemon uses its own, higher one.
 EVAL_CONF = 0.01
 
@@ -45,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--landmarks", type=Path, default=None,
                         help="landmark model ONNX run on the detected boxes (replaces the detector's "
                              "own keypoints), as the daemon runs it")
+    parser.add_argument("--no-photo-check", action="store_true",
+                        help="skip the photo check (LFW validation portraits: exactly one box on the "
+                             "central face; needs the LFW folder and the [detector-teachers] extra)")
+    parser.add_argument("--photo-conf", type=float, default=None,
+                        help="detector confidence for the photo check (default: the daemon's, "
+                             "models.detector_conf)")
     parser.add_argument("--no-landmarks", action="store_true",
                         help="skip the landmark error (needs the WIDER labels/ beside --images and dlib)")
 
@@ -99,7 +106,9 @@ def evaluate_detector(detector: FaceDetector, records, images_dir: Path, labels=
                                 f"{images_dir} (first: {records[0].image if records else '-'})")
     everything = evaluate(per_image)
     large = evaluate(per_image, min_height=LARGE_FACE_PX)
+    small = evaluate(per_image, min_height=SMALL_FACE_PX, max_height=LARGE_FACE_PX)
     result = {"ap50": round(everything["ap50"], 4), "ap50_large": round(large["ap50"], 4),
+              "ap50_small": round(small["ap50"], 4), "faces_small": small["faces"],
               "recall_at_p90": round(everything["recall_at_p90"], 4),
               "recall_at_p90_large": round(large["recall_at_p90"], 4),
               "ms_per_image": round(1000 * seconds / len(per_image), 2),
@@ -137,6 +146,18 @@ def select_records(gt: Path, split: str, limit: int | None):
     return records[:limit] if limit else records
 
 
+def run_photo_check(args: argparse.Namespace, imgsz: int) -> dict:
+    """The photo check at the daemon's confidence (training/photo_check.py)."""
+    from daemon.config import ModelsConfig
+    from training.paths import runs_dir
+    from training.photo_check import lfw_val_images, photo_check
+
+    conf = args.photo_conf if args.photo_conf is not None else ModelsConfig.model_fields["detector_conf"].default
+    detector = FaceDetector(args.model, providers=args.providers, conf_threshold=conf, imgsz=imgsz)
+    result = photo_check(detector, lfw_val_images(), runs_dir() / "detector" / "photo_check_teacher.json")
+    return {**result, "photo_conf": conf}
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.gt.is_file():
         raise FileNotFoundError(f"ground-truth file not found: {args.gt}")
@@ -150,12 +171,19 @@ def run(args: argparse.Namespace) -> int:
         labels = landmark_labels(args.images.parent)
     result = evaluate_detector(detector, records, args.images, labels)
     result["imgsz"] = detector.imgsz
+    if not args.no_photo_check:
+        result.update(run_photo_check(args, detector.imgsz))
     print(f"images {result['images']}  faces {result['faces']} (>= {LARGE_FACE_PX} px: "
           f"{result['faces_large']})  imgsz {detector.imgsz}  provider {detector.provider}")
     print(f"AP50 all faces           {result['ap50']:.4f}")
     print(f"AP50 faces >= {LARGE_FACE_PX} px       {result['ap50_large']:.4f}")
+    print(f"AP50 faces {SMALL_FACE_PX}-{LARGE_FACE_PX} px        {result['ap50_small']:.4f}")
     print(f"recall at precision 0.9  {result['recall_at_p90']:.4f}")
     print(f"ms per image             {result['ms_per_image']:.2f}")
+    if "photo_check" in result:
+        print(f"photo check              {result['photo_check']:.4f} ({result['photos']} LFW validation "
+              f"photos: {result['photos_missed']} missed, {result['photos_duplicated']} with two boxes "
+              f"on the face; conf {result['photo_conf']})")
     if labels is not None:
         for suffix, band in (("", "all faces"), ("_large", f"faces >= {LARGE_FACE_PX} px")):
             print(f"landmarks, {band}: {result['landmark_faces' + suffix]} matched of "
