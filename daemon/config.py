@@ -551,10 +551,6 @@ def problems(cfg: FacewatchConfig) -> list[str]:
         for var in _ENV_REF.findall(cam.uri):
             if var not in os.environ:
                 out.append(f"cameras[{i}].uri: environment variable {var} is not set here")
-    for what, p in (("models.detector", cfg.models.detector), ("models.embedder", cfg.models.embedder),
-                    ("models.landmarks", cfg.models.landmarks)):
-        if p is not None and not p.is_file():
-            out.append(f"{what}: file not found: {p}")
     if cfg.models.landmarks is None and cfg.models.embedder.is_file():
         from stages.embed_stage import read_embedder_info
 
@@ -581,11 +577,22 @@ def add_validate_config_arguments(parser) -> None:
 
 
 def run_validate_config(args) -> int:
+    """Exit 0 when the daemon would start with this file here; else 78 (EX_CONFIG, as `run`
+    would), each reason on its own line: a bad key or value, a missing or unloadable model or
+    key file, a port clash."""
+    from daemon.run_command import preflight_errors
+    from stages.errors import EXIT_SETUP
+
     try:
         cfg = load_config(args.path)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_SETUP
+    errors = preflight_errors(cfg, load_models=True)
+    for error in errors:
+        print(f"error: {args.path}: {error}", file=sys.stderr)
+    if errors:
+        return EXIT_SETUP
     for warning in problems(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     print(f"OK: {args.path} ({len(cfg.cameras)} camera{'s' if len(cfg.cameras) != 1 else ''})")

@@ -52,16 +52,62 @@ def required_files(cfg: FacewatchConfig) -> list[tuple[str, Path, str]]:
     if local & {"embed", "match", "detect"}:   # detect crops as the embedder was trained
         out.append(("models.embedder", m.embedder,
                     "the face embedder ONNX model (`facewatch export-embedder`)"))
+    if "detect" in local and m.landmarks is not None and _aligns_on_landmarks(m.embedder):
+        out.append(("models.landmarks", m.landmarks,
+                    "the five-point landmark ONNX model (`facewatch export-landmarks`), which "
+                    "this embedder's crops need; null in the config: none (box fallback)"))
     if "publish" in local and cfg.publish.curve_secret_key_file is not None:
         out.append(("publish.curve_secret_key_file", cfg.publish.curve_secret_key_file,
                     "the event socket's CURVE secret key (`facewatch keys`)"))
     return out
 
 
-def check_required_files(cfg: FacewatchConfig) -> None:
+def _aligns_on_landmarks(embedder: Path) -> bool:
+    from stages.embed_stage import read_embedder_info
+    from stages.errors import SetupError
+
+    try:
+        return Path(embedder).is_file() and read_embedder_info(embedder).crop_alignment == "five_point"
+    except SetupError:   # an unusable embedder file: reported on its own
+        return False
+
+
+def preflight_errors(cfg: FacewatchConfig, load_models: bool = False) -> list[str]:
+    """What the daemon would refuse at start-up, one line each: a missing file (always), and
+    with `load_models` a model file its stage could not load (as the stage loads it, on the
+    CPU), the error naming the config key, the file and what was expected."""
+    from stages.model_files import where_text
+
+    errors = []
     for key, path, what in required_files(cfg):
         if not Path(path).is_file():
-            raise ConfigError(f"{key}: file not found: {path} (expected {what})")
+            hint = (f"; with no {key} in the config the shipped model is used, looked for in "
+                    f"{where_text()}" if key.startswith("models.") else "")
+            errors.append(f"{key}: file not found: {path} (expected {what}{hint})")
+    if errors or not load_models:
+        return errors
+    from stages.errors import SetupError
+    from stages.face_detector import FaceDetector
+    from stages.face_embedder import FaceEmbedder
+    from stages.face_landmarks import LandmarkModel
+
+    cpu = ("CPUExecutionProvider",)
+    loaders = {"models.detector": lambda p: FaceDetector(p, cpu),
+               "models.embedder": lambda p: FaceEmbedder(p, cpu),
+               "models.landmarks": lambda p: LandmarkModel(p, cpu)}
+    for key, path, _ in required_files(cfg):
+        if key in loaders:
+            try:
+                loaders[key](path)
+            except SetupError as exc:
+                errors.append(f"{key}: {exc}")
+    return errors
+
+
+def check_required_files(cfg: FacewatchConfig) -> None:
+    errors = preflight_errors(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
 
 
 def run(args: argparse.Namespace) -> int:

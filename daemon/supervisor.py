@@ -16,7 +16,8 @@
   every camera's EndOfStream has passed it. Stages still running at `shutdown_timeout_s` get
   SIGTERM (flush and exit), then SIGKILL. Exit status 0.
 - When every source is a file that does not loop, the stages finish by themselves after the
-  last EndOfStream and the supervisor exits 0.
+  last EndOfStream and the supervisor exits 0, or 69 (EXIT_CAMERAS_FAILED) when every camera
+  ended with an error (a file that cannot be read at all).
 - A stage that cannot start and that a restart would not fix (exit status 78, EXIT_SETUP: a
   missing, corrupt or wrong model file, an unreadable key) is not restarted: its reason is
   logged, the other stages are drained as on SIGTERM, and the supervisor exits 78.
@@ -37,7 +38,7 @@ from pathlib import Path
 from daemon.config import FacewatchConfig
 from daemon.sdnotify import Notifier
 from daemon.worker import SUPERVISOR_PID_ENV
-from stages.errors import EXIT_SETUP, SetupError
+from stages.errors import EXIT_CAMERAS_FAILED, EXIT_SETUP, SetupError
 from stages.messages import EndOfStream
 from stages import run_state
 from stages.metrics import Metrics, mark_process_dead, serve
@@ -71,6 +72,7 @@ class StageProc:
     last_exit: int | None = None
     last_error: str | None = None
     eos_forwarded: set[str] = field(default_factory=set)
+    end_reasons: dict[str, str] = field(default_factory=dict)   # camera -> EndOfStream reason
     killed_for: str | None = None
 
     @property
@@ -218,6 +220,8 @@ class Supervisor:
             self._status_dirty = True
         elif msg.type == "eos" and msg.camera:
             st.eos_forwarded.add(msg.camera)
+            if st.kind == "capture" and msg.reason:
+                st.end_reasons[msg.camera] = msg.reason
         elif msg.type == "finished":
             st.finished = True
         elif msg.type == "error":
@@ -335,6 +339,22 @@ class Supervisor:
     def summary(self) -> str:
         running = sum(st.ready for st in self.stages.values())
         return f"{running}/{len(self.stages)} stages ready"
+
+    def end_status(self) -> int:
+        """When every stream ended by itself: 0, unless every camera of this host ended with an
+        error (a file that cannot be read): EXIT_CAMERAS_FAILED, so a service manager sees a
+        failure. Some cameras in error: 0, with the failed ones named."""
+        reasons = {cam: reason for st in self.stages.values() if st.kind == "capture"
+                   for cam, reason in st.end_reasons.items()}
+        failed = sorted(cam for cam, reason in reasons.items() if reason == "error")
+        captures = [st for st in self.stages.values() if st.kind == "capture"]
+        if captures and len(failed) == len(captures):
+            log.error("every camera ended with an error (%s): exit status %d", ", ".join(failed),
+                      EXIT_CAMERAS_FAILED)
+            return EXIT_CAMERAS_FAILED
+        if failed:
+            log.warning("camera(s) that ended with an error: %s", ", ".join(failed))
+        return 0
 
     # --- main loop ----------------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -485,4 +505,4 @@ class Supervisor:
             elif all(st.state == "finished" for st in self.stages.values()):
                 log.info("every stream ended and every stage finished; exiting")
                 self.notifier.stopping("every stream ended")
-                return 0
+                return self.end_status()

@@ -106,8 +106,32 @@ def test_bad_values_are_named(tmp_path, section, key, value, needle):
 def test_validate_config_cli_names_the_key(tmp_path, text, where, needle):
     path = write(tmp_path, text)
     result = validate_cli(path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 78 and "Traceback" not in result.stderr   # EX_CONFIG, as `run`
     assert f"{path}: {where}: " in result.stderr and needle in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("fault, needle", [
+    ("missing", "models.embedder: file not found: {bad} (expected the face embedder ONNX model"),
+    ("garbage", "models.embedder: face embedder {bad} is not a loadable ONNX model"),
+    ("detector", "models.embedder: face embedder {bad}: "),
+])
+def test_validate_config_refuses_what_the_daemon_refuses(tmp_path, fault, needle):
+    """Issue 13, item 1: validate-config said OK (status 0, a warning) with a model file
+    missing, and the service then failed. Now a missing or unloadable model is an error, with
+    the status `run` gives it (78), loaded as the stage would load it."""
+    bad = tmp_path / "models" / "embedder.onnx"
+    if fault != "missing":
+        bad.parent.mkdir()
+        if fault == "garbage":
+            bad.write_bytes(os.urandom(2048))
+        else:   # a real ONNX model of the wrong kind
+            bad.write_bytes((REPO / "models" / "face_landmarks.onnx").read_bytes())
+    path = write(tmp_path, "cameras:\n  - name: a\n    uri: x.mp4\nmodels:\n"
+                           "  embedder: models/embedder.onnx\n")
+    result = validate_cli(path)
+    assert result.returncode == 78, result.stderr
+    assert needle.format(bad=bad) in result.stderr and "Traceback" not in result.stderr
+    assert not result.stdout.startswith("OK")
 
 
 def test_duplicate_camera_names_are_rejected(tmp_path):

@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from conftest import REPO, make_face_video, wait_for
 from decision_feed import DecisionFeed, decision, publish_only_config
-from stages.errors import EXIT_SETUP
+from stages.errors import EXIT_CAMERAS_FAILED, EXIT_SETUP
 from stages.messages import parse_event
 from test_pipeline import (capture_only_config, metric, pipeline_config, scrape,  # noqa: F401
                            sink)   # sink: a fixture
@@ -115,6 +115,19 @@ def test_damaged_files_are_read_as_far_as_they_go(damaged_videos, short_dir, sin
     assert "Traceback" not in log
 
 
+@pytest.mark.timeout(120)
+def test_every_camera_ended_with_an_error_is_a_failure(damaged_videos, short_dir, sink, daemons):
+    """Issue 13, item 4: the only camera is a file that cannot be read at all; the daemon used
+    to exit 0 as if it had done its job. It exits 69 (EX_UNAVAILABLE) naming the camera."""
+    config = capture_only_config(short_dir, [
+        {"name": "cut", "uri": str(damaged_videos["cut_mp4"]), "realtime": False}],
+        capture={"reconnect_initial_s": 0.2, "reconnect_max_s": 1.0})
+    daemon = daemons(config, short_dir / "run")
+    sink.until(lambda: len(sink.eos) == 1, 60, "EndOfStream from the unreadable file")
+    assert daemon.wait_exit(30) == EXIT_CAMERAS_FAILED == 69, daemon.log_text()[-3000:]
+    assert "every camera ended with an error (cut): exit status 69" in daemon.log_text()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_damaged_face_video_through_the_pipeline(models, knn_dir, short_dir, gallery_module,
@@ -164,7 +177,7 @@ def test_missing_model_is_refused_before_anything_starts(small_video, short_dir)
     config = pipeline_config(short_dir, [{"name": "cam", "uri": str(small_video), "loop": True}],
                              models={"detector": str(missing)})
     code, out, took = run_daemon_expecting_failure(config, 90)
-    assert code == 2, out
+    assert code == EXIT_SETUP, out   # 78, which systemd does not restart (was 2: restarted)
     assert (f"models.detector: file not found: {missing} (expected the face detector ONNX model"
             in out), out
     assert "started" not in out and "Traceback" not in out

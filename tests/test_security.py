@@ -91,11 +91,11 @@ def test_non_loopback_bind_needs_a_curve_key(tmp_path, short_dir):
     config = write_config(tmp_path / "config.yaml", [{"name": "a", "uri": "a.mp4"}],
                           publish={"endpoint": f"tcp://0.0.0.0:{port}"})
     result = cli("validate-config", str(config))
-    assert result.returncode == 1
+    assert result.returncode == 78
     assert "publish.curve_secret_key_file" in result.stderr and "0.0.0.0" in result.stderr
     started = time.monotonic()
     run = cli("run", "--config", str(config), timeout=60)      # refused before any stage starts
-    assert run.returncode == 2 and "publish.curve_secret_key_file" in run.stderr, run.stderr
+    assert run.returncode == 78 and "publish.curve_secret_key_file" in run.stderr, run.stderr
     assert "started" not in run.stderr and time.monotonic() - started < 60
     for endpoint in (f"tcp://*:{port}", f"tcp://eth0:{port}", f"tcp://192.0.2.1:{port}"):
         config = write_config(tmp_path / "config.yaml", [{"name": "a", "uri": "a.mp4"}],
