@@ -8,6 +8,10 @@
   dropped and counted, so detection always works on recent frames.
 - A lost or unopenable source is retried with capped exponential backoff; the camera_up gauge
   and reconnect counter tell the operator. A non-looping file ends with EndOfStream.
+- A source that stays connected but sends nothing (a stalled RTSP camera) is noticed by the
+  main thread when a read has not returned for `read_timeout_s`: camera_up goes to 0, the
+  blocked reader thread is abandoned (what it reads later is thrown away, never counted) and a
+  new one reconnects after the backoff.
 - `realtime: false` (files only) never drops: the reader blocks until the pipeline takes frames.
 - Damaged files: a frame that does not decode is skipped (counted as dropped, reason
   "corrupt") and reading goes on; a file that is there but cannot be opened at all (not a
@@ -32,6 +36,7 @@ from stages.transport import Defaults
 
 log = logging.getLogger("facewatch.capture")
 MAX_FILE_READ_ERRORS = 30   # undecodable frames in a row before a file counts as ended
+FFMPEG_READ_TIMEOUT_EXTRA_S = 2.0   # FFmpeg's read timeout: read_timeout_s plus this
 
 
 class _End:
@@ -127,8 +132,12 @@ class VideoSource:
         else:
             if self.camera.kind == "file" and not os.path.isfile(uri):
                 return False
+            # FFmpeg's own read timeout is set later than ours: when it fires, OpenCV returns
+            # the last frame again (twice, before it fails), which would count as captured.
+            # CaptureStage.check_stall notices the stall at read_timeout_s instead.
+            read_ms = int((self.cfg.read_timeout_s + FFMPEG_READ_TIMEOUT_EXTRA_S) * 1000)
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
-                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(self.cfg.read_timeout_s * 1000)]
+                      cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms]
             cap = cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
         if not cap.isOpened():
             cap.release()
@@ -206,6 +215,8 @@ class CaptureStage(Stage):
         self.reconnects = 0
         self.up = False
         self._reader: threading.Thread | None = None
+        self._generation = 0              # bumped when a stalled reader is abandoned
+        self._read_started: tuple[int, float] | None = None   # (generation, monotonic) of a read
         self._labels = (self.camera.name,)
 
     def output_hwm(self) -> int:
@@ -217,9 +228,7 @@ class CaptureStage(Stage):
             # read by OpenCV when a capture is opened; one camera per process, so per-process env
             os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS",
                                   f"rtsp_transport;{self.ccfg.rtsp_transport}")
-        self._reader = threading.Thread(target=self._read_loop, name=f"read-{self.camera.name}",
-                                        daemon=True)   # never joined while it may block in read()
-        self._reader.start()
+        self._start_reader(self.source, delay=0.0)
 
     def _set_up(self, up: bool) -> None:
         if up != self.up:
@@ -227,14 +236,33 @@ class CaptureStage(Stage):
             self.metrics.camera_up.labels(*self._labels).set(1 if up else 0)
 
     # --- reader thread ------------------------------------------------------------------
-    def _read_loop(self) -> None:
+    def _start_reader(self, source: VideoSource, delay: float) -> None:
+        """A reader thread of a new generation; an older one still blocked in a read is left to
+        end by itself (it is never joined, and what it reads later is thrown away)."""
+        self._generation += 1
+        self._read_started = None
+        self._reader = threading.Thread(target=self._read_loop, args=(self._generation, source,
+                                                                      delay),
+                                        name=f"read-{self.camera.name}-{self._generation}",
+                                        daemon=True)
+        self._reader.start()
+
+    def _current(self, gen: int) -> bool:
+        return gen == self._generation and not self.ctx.stop.is_set()
+
+    def _read_loop(self, gen: int, source: VideoSource, delay: float) -> None:
         stop = self.ctx.stop
         name, safe = self.camera.name, self.camera.safe_uri
         try:
-            while not stop.is_set():
-                if not self.source.open():
+            if delay and stop.wait(delay):
+                return
+            while self._current(gen):
+                opened = source.open()
+                if not self._current(gen):
+                    return
+                if not opened:
                     self._set_up(False)
-                    if self.source.unreadable_file():
+                    if source.unreadable_file():
                         self.log.error("cannot read video file %s (not a video, or cut short "
                                        "before its index); camera %s ends", safe, name)
                         self.queue.put(_End("error"), stop)
@@ -245,25 +273,27 @@ class CaptureStage(Stage):
                     self.log.warning("cannot open %s; retrying in %.1f s", safe, delay)
                     stop.wait(delay)
                     continue
-                self.log.info("opened %s (%.1f fps)", safe, self.source.fps)
-                ended = self._read_frames()
+                self.log.info("opened %s (%.1f fps)", safe, source.fps)
+                ended = self._read_frames(gen, source)
+                if not self._current(gen):
+                    return
                 if ended:
                     self.log.info("end of file %s after %d frames", safe, self.frames_read)
                     self.queue.put(_End("eof"), stop)
                     return
-                if not stop.is_set():
-                    self._set_up(False)
-                    delay = self.backoff.next_delay()
-                    self.reconnects += 1
-                    self.metrics.camera_reconnects.labels(name).inc()
-                    self.log.warning("lost %s; reconnecting in %.1f s", safe, delay)
-                    stop.wait(delay)
+                self._set_up(False)
+                delay = self.backoff.next_delay()
+                self.reconnects += 1
+                self.metrics.camera_reconnects.labels(name).inc()
+                self.log.warning("lost %s; reconnecting in %.1f s", safe, delay)
+                stop.wait(delay)
         except Exception:   # the main thread notices the dead reader and exits non-zero
-            self.log.exception("reader thread failed")
+            if gen == self._generation:
+                self.log.exception("reader thread failed")
         finally:
-            self.source.close()
+            source.close()
 
-    def _read_frames(self) -> bool:
+    def _read_frames(self, gen: int, source: VideoSource) -> bool:
         """Read until the source fails (False) or a non-looping file ends (True)."""
         stop, cam = self.ctx.stop, self.camera
         pace = cam.kind == "file" and cam.realtime
@@ -271,20 +301,31 @@ class CaptureStage(Stage):
         last_sent_pts = None
         start_wall = start_pts = None
         while not stop.is_set():
-            frame, pts = self.source.read()
+            started = time.monotonic()
+            self._read_started = (gen, started)   # watched by the main thread (check_stall)
+            frame, pts = source.read()
+            if gen != self._generation:   # declared stalled meanwhile: this frame is stale
+                return False
+            self._read_started = None
+            took = time.monotonic() - started
+            if frame is not None and cam.kind != "file" and took > self.ccfg.read_timeout_s:
+                # the main thread was late: a frame after a timed-out read is the old one again
+                self.log.warning("a read of %s took %.1f s (capture.read_timeout_s %.1f): "
+                                 "stalled", cam.safe_uri, took, self.ccfg.read_timeout_s)
+                return False
             if frame is None:
                 if cam.kind != "file":
                     return False
                 if not cam.loop:
                     return True
-                if not self.source.rewind():
+                if not source.rewind():
                     return False
                 continue
-            if self.source.skipped:
-                self.log.warning("skipped %d undecodable frame(s) of %s", self.source.skipped,
+            if source.skipped:
+                self.log.warning("skipped %d undecodable frame(s) of %s", source.skipped,
                                  cam.safe_uri)
-                self.metrics.frames_dropped.labels(cam.name, "corrupt").inc(self.source.skipped)
-                self.source.skipped = 0
+                self.metrics.frames_dropped.labels(cam.name, "corrupt").inc(source.skipped)
+                source.skipped = 0
             wall = time.time()
             self.frames_read += 1
             self.metrics.frames_captured.labels(cam.name).inc()
@@ -306,6 +347,28 @@ class CaptureStage(Stage):
                 self.metrics.frames_dropped.labels(cam.name, "queue_full").inc(self.queue.dropped)
                 self.queue.dropped = 0
         return False
+
+    def check_stall(self, now: float) -> None:
+        """A read that has not returned for read_timeout_s (a stream that stays connected but
+        sends nothing; FFmpeg's own timeout fires only after several times that): the camera is
+        down, the blocked reader is abandoned and a new one reconnects after the usual backoff."""
+        reading = self._read_started
+        if reading is None or reading[0] != self._generation:
+            return
+        waited = now - reading[1]
+        if waited <= self.ccfg.read_timeout_s:
+            return
+        self._set_up(False)
+        delay = self.backoff.next_delay()
+        self.reconnects += 1
+        self.metrics.camera_reconnects.labels(self.camera.name).inc()
+        self.log.warning("no frame from %s for %.1f s (capture.read_timeout_s %.1f): stalled; "
+                         "reconnecting in %.1f s", self.camera.safe_uri, waited,
+                         self.ccfg.read_timeout_s, delay)
+        stalled, self.source = self.source, VideoSource(self.camera, self.ccfg)
+        self.source.last_pts, self.source.fps = stalled.last_pts, stalled.fps   # pts go on
+        self.source.loop_offset = stalled.loop_offset
+        self._start_reader(self.source, delay)
 
     def _message(self, frame: np.ndarray, pts: float, wall: float) -> VideoFrame:
         h, w = frame.shape[:2]
@@ -333,6 +396,7 @@ class CaptureStage(Stage):
             while not self.ctx.stop.is_set():
                 self.check_reload()
                 now = time.monotonic()
+                self.check_stall(now)
                 if now >= next_beat:
                     self.control("heartbeat", detail=self.heartbeat_detail())
                     next_beat = now + self.cfg.supervisor.heartbeat_s

@@ -215,6 +215,18 @@ class RtspServer:
             pytest.fail(f"RTSP server did not start: {line}{self.proc.stdout.read()}")
         return line.split()[1]
 
+    def _signal(self, sig: int, answer: str) -> None:
+        self.proc.send_signal(sig)
+        line = self.proc.stdout.readline()    # the server prints it once the valve switched
+        assert line.strip() == answer, f"RTSP server answered {line!r}, expected {answer}"
+
+    def stall(self):
+        """The connection stays open, no more video (the server's valve drops every buffer)."""
+        self._signal(signal.SIGUSR1, "STALLED")
+
+    def resume(self):
+        self._signal(signal.SIGUSR2, "RESUMED")
+
     def stop(self):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -271,3 +283,46 @@ def test_rtsp_camera_reconnects_after_server_restart(rtsp_server, short_dir, cap
     assert "viewer:***@" in caplog.text and "pa55word" not in caplog.text
     assert after[0].pts > first[-1].pts, "media time keeps increasing across reconnects"
     assert after[-1].frame_index > first[-1].frame_index
+
+
+@pytest.mark.timeout(150)
+def test_stalled_rtsp_camera_is_detected_within_read_timeout(rtsp_server, short_dir, capture_runs):
+    """The server keeps the connection open and stops sending (issue 15): camera_up goes to 0
+    within read_timeout_s + 1 s, no frame is counted as captured while it is down, and the
+    capture reconnects with its backoff once video comes again."""
+    read_timeout = 2.0
+    url = rtsp_server.start()
+    run = capture_runs(short_dir, {"name": "stall", "uri": url}, reconnect_initial_s=0.5,
+                       reconnect_max_s=1.0, open_timeout_s=3, read_timeout_s=read_timeout)
+
+    def frames(n, timeout):
+        got, deadline = [], time.monotonic() + timeout
+        while len(got) < n and time.monotonic() < deadline:
+            msg = run.rx.recv(0.2)
+            if isinstance(msg, VideoFrame):
+                got.append(msg)
+        assert len(got) >= n, f"only {len(got)} of {n} RTSP frames within {timeout} s"
+        return got
+
+    before = frames(10, 30)
+    assert sample(run.metrics.camera_up, camera="stall") == 1
+    rtsp_server.stall()
+    stalled_at = time.monotonic()
+    wait_for(lambda: sample(run.metrics.camera_up, camera="stall") == 0, read_timeout + 15,
+             "camera_up to go to 0 on the stalled stream", interval=0.02)
+    detected = time.monotonic() - stalled_at
+    captured = sample(run.metrics.frames_captured, camera="stall")
+    print(f"stall detected after {detected:.2f} s (read_timeout_s {read_timeout})")
+    assert detected <= read_timeout + 1, f"stall noticed after {detected:.1f} s"
+    # down, and stays down while the stream is stalled: nothing counted as captured
+    deadline = time.monotonic() + 2 * read_timeout
+    while time.monotonic() < deadline:
+        assert sample(run.metrics.camera_up, camera="stall") == 0
+        assert sample(run.metrics.frames_captured, camera="stall") == captured, \
+            "a frame was counted as captured while the stream was stalled"
+        run.rx.recv(0.1)
+    rtsp_server.resume()
+    after = frames(10, 60)
+    assert sample(run.metrics.camera_up, camera="stall") == 1
+    assert sample(run.metrics.camera_reconnects, camera="stall") >= 1
+    assert after[-1].pts > before[-1].pts and after[-1].frame_index > before[-1].frame_index
