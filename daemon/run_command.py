@@ -16,11 +16,13 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 from daemon.config import (STAGE_KINDS, ConfigError, FacewatchConfig, config_to_json,
                            load_config, parse_camera_arg, problems, with_runtime_dir)
+from daemon.runtime_lock import lock_runtime_dir
 
 log = logging.getLogger("facewatch.run")
 
@@ -110,7 +112,17 @@ def check_required_files(cfg: FacewatchConfig) -> None:
         raise ConfigError("\n".join(errors))
 
 
+def _stop_while_starting(signum, _frame) -> None:
+    # Until the supervisor installs its own handlers: SIGTERM/SIGINT end the start cleanly
+    # (runtime lock released, temporary runtime directory removed) instead of killing it.
+    log.info("%s while starting: not starting", signal.Signals(signum).name)
+    raise SystemExit(0)
+
+
 def run(args: argparse.Namespace) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_while_starting)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # nothing to reload yet
     cfg = load_config(args.config, cameras=args.camera, gallery=args.gallery,
                       event_log=args.event_log)
     check_required_files(cfg)
@@ -122,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = with_runtime_dir(cfg, temp_dir)
     runtime = Path(cfg.runtime.dir)
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_runtime_dir(runtime)   # before touching anything a running daemon uses
     try:
         effective = runtime / "config.json"
         fd = os.open(effective, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -667,3 +667,45 @@ def test_track_ids_are_never_reused_across_detect_restarts(models, short_video, 
         assert daemon.stop(10) == 0
     finally:
         transport.close(linger_ms=0)
+
+
+# --- other situations: a second daemon on the same runtime dir; a dir left by a killed one ------
+
+@pytest.mark.timeout(180)
+def test_second_daemon_on_a_runtime_dir_is_refused_and_a_killed_ones_dir_is_reused(
+        short_dir, daemons, subscribers):
+    config = publish_only_config(short_dir)
+    cfg = yaml.safe_load(config.read_text())
+    first = daemons(config, short_dir / "run")
+    first.wait_ready(90)
+    pids = {n: s["pid"] for n, s in first.status()["stages"].items()}
+    code, out, took = run_cli("run", "--config", str(config), timeout=60)
+    assert code != 0 and f"another facewatch (pid {first.proc.pid}) is running with runtime " \
+                          f"directory {short_dir / 'run'}" in out, out
+    assert first.proc.poll() is None
+    assert {n: s["pid"] for n, s in first.status()["stages"].items()} == pids
+    sub = subscribers(cfg["publish"]["endpoint"])
+    feed = DecisionFeed(short_dir / "run")
+    try:
+        connect(feed, sub)   # the first daemon's sockets are still its own
+    finally:
+        feed.close()
+    first.proc.kill()              # SIGKILL: the runtime dir, sockets and status stay behind
+    first.proc.wait(10)
+    wait_for(lambda: not any(psutil_alive(pid) for pid in pids.values()), 20,
+             "the stages to follow the killed supervisor")
+    assert (short_dir / "run" / "lock").exists()
+    stale = json.loads((short_dir / "run" / "status.json").read_text())
+    assert stale["ready"] and stale["supervisor_pid"] == first.proc.pid
+    second = daemons(config, short_dir / "run")
+    wait_for(lambda: second.status().get("supervisor_pid") == second.proc.pid and
+             second.status().get("ready"), 90, "the second daemon ready in the reused dir")
+    assert second.stop(10) == 0
+
+
+def psutil_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
