@@ -44,7 +44,8 @@ class MatchStage(Stage):
 
     def setup(self) -> None:
         from stages.embed_stage import read_embedder_info
-        from stages.gallery import Gallery, file_model_id
+        from stages.errors import SetupError
+        from stages.gallery import Gallery, GalleryError, file_model_id
 
         embedder = self.cfg.models.embedder
         info = read_embedder_info(embedder)
@@ -53,7 +54,12 @@ class MatchStage(Stage):
         self.threshold = configured if configured is not None else info.threshold
         votes = self.cfg.embed.votes
         self.matcher = Matcher(self.threshold, votes, max(votes, self.cfg.match.vote_window))
-        self.gallery = Gallery(self.cfg.gallery.path)
+        try:
+            self.gallery = Gallery(self.cfg.gallery.path)
+        except GalleryError as exc:   # read-only, not a gallery, too new: a restart cannot help
+            if "locked" in str(exc):
+                raise
+            raise SetupError(f"gallery.path: {exc}") from None
         self.identity = self._file_identity()
         self.metrics.gallery_ok.set(1)
         self.log.info("threshold %.3f (%s), model %s, gallery %s", self.threshold,

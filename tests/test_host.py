@@ -709,3 +709,20 @@ def psutil_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.timeout(120)
+def test_daemon_with_a_read_only_gallery_stops_naming_it(models, read_only_folder, short_dir):
+    """Not a match stage restarting forever: one line naming the gallery, exit 78."""
+    from stages.errors import EXIT_SETUP
+    from stages.gallery import Gallery
+
+    folder, make_read_only = read_only_folder
+    path = folder / "gallery.db"
+    Gallery(path).close()
+    make_read_only()
+    config = match_config(short_dir, gallery={"path": str(path)})
+    code, out, took = run_cli("run", "--config", str(config), timeout=90)
+    assert code == EXIT_SETUP, out[-3000:]
+    assert f"gallery.path: gallery {path} is read-only" in out, out[-3000:]
+    assert "restart #" not in out and "Traceback" not in out
