@@ -40,10 +40,19 @@ class NaiveLoop:
         self.detector = detector_from_config(m)
         self.landmark_model = landmark_model_from_config(m, self.crop_spec.alignment)
         self.embedder = FaceEmbedder(m.embedder, m.providers, m.threads)
-        self.threshold = cfg.match.threshold if cfg.match.threshold is not None else info.threshold
         self._tracker_args = tracker_args(d.tracker, d)
         self.gallery = (gallery if gallery is not None else
                         np.zeros((0, self.embedder.embedding_size), np.float32))
+        # as the match stage: the raw override, else the open-set point for this gallery's size
+        if cfg.match.threshold is not None:
+            self.threshold = cfg.match.threshold
+        elif info.far_table is not None:
+            from stages.open_set import operating_point
+
+            self.threshold = operating_point(info.far_table, cfg.match.target_far,
+                                             len(self.gallery)).threshold
+        else:
+            self.threshold = info.threshold
         self.tracker = None
         self.reset()
 

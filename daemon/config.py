@@ -222,7 +222,11 @@ class EmbedConfig(Section):
 
 
 class MatchConfig(Section):
-    threshold: float | None = Field(None, ge=-1, le=1, description="null: the embedder's metadata")
+    target_far: float = Field(0.01, gt=0, lt=0.5, description="false-accept rate per decision: "
+                              "the share of strangers' decisions allowed to name someone; the "
+                              "threshold follows the gallery's size (stages.open_set)")
+    threshold: float | None = Field(None, ge=-1, le=1, description="a raw cosine threshold "
+                                    "instead of target_far (null: derived from target_far)")
     vote_window: int = Field(7, ge=1, le=1000, description="latest votes a decision counts")
 
 

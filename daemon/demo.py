@@ -17,7 +17,7 @@ import numpy as np
 
 from daemon.file_run import file_config, load_models, run_daemon
 from stages.embed_stage import read_embedder_info
-from training.paths import REPO_ROOT, runs_dir, shared_data_dir
+from training.paths import runs_dir, shared_data_dir
 
 log = logging.getLogger("facewatch.demo")
 FPS = 25
@@ -27,7 +27,8 @@ CANVAS = (960, 540)  # w, h
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default runs/demo")
-    parser.add_argument("--models", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="folder with the three models (default: the shipped models)")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many s")
 
 
@@ -109,6 +110,10 @@ def print_event(event: dict, counts: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.models is None:
+        from stages.model_files import models_dir
+
+        args.models = models_dir()
     workdir = Path(args.workdir or runs_dir() / "demo")
     workdir.mkdir(parents=True, exist_ok=True)
     for name in ("face_detector.onnx", "face_embedder.onnx"):
@@ -125,15 +130,17 @@ def run(args: argparse.Namespace) -> int:
     config = file_config(video, "demo", args.models / "face_detector.onnx",
                          args.models / "face_embedder.onnx", gallery, workdir / "events.jsonl",
                          landmarks=args.models / "face_landmarks.onnx")
-    # The model's default threshold is its FAR 1e-3 point, made for galleries of many people (a
-    # stranger is compared with every entry). Six people enrolled from one or two photos each
-    # are shown at the model's best pair-accuracy threshold instead, and the demo says so.
+    # The daemon's own open-set operating point (match.target_far, 1% of decisions on strangers
+    # may name someone): the threshold follows the size of this small gallery.
     info = read_embedder_info(args.models / "face_embedder.onnx")
-    if info.pair_accuracy_threshold is not None:
-        config["match"] = {"threshold": info.pair_accuracy_threshold}
-        print(f"match threshold {info.pair_accuracy_threshold:.3f} (the model's pair-accuracy "
-              f"point, for this 6-person gallery; its default is {info.threshold:.3f}, FAR 1e-3)",
-              flush=True)
+    if info.far_table is not None:
+        from stages.gallery import Gallery
+        from stages.open_set import operating_point
+
+        with Gallery(gallery, create=False) as g:
+            size = len(g.snapshot())
+        point = operating_point(info.far_table, 0.01, size)
+        print(f"match {point.describe()}", flush=True)
     counts: dict = {}
     code = run_daemon(config, workdir / "config.yaml", args.timeout,
                       on_event=lambda event: print_event(event, counts))

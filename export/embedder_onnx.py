@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override the suggested cosine-similarity threshold")
     parser.add_argument("--max-abs-diff", type=float, default=MAX_ABS_DIFF,
                         help="refuse the export when ONNX and Keras differ by more than this")
+    parser.add_argument("--no-open-set", action="store_true",
+                        help="skip measuring the impostor FAR table on the validation pairs "
+                             "(the daemon's match.target_far then falls back to the metadata "
+                             "threshold)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,8 +57,37 @@ def run(args: argparse.Namespace) -> int:
     except ExportError as exc:
         log.error("%s", exc)
         return 1
+    if not args.no_open_set:
+        table = measure_open_set(args.out)
+        if table is not None:
+            report["impostor_far_table"] = json.loads(table.to_json())
     print(json.dumps(report))
     return 0
+
+
+def measure_open_set(model: Path):
+    """The impostor FAR table of the exported file, measured through the runtime path on the
+    validation pairs (as `facewatch evaluate-embedder --write-metadata`) and written into its
+    metadata; None, with a warning, when the pairs' images or the detector are not here."""
+    from training.embedder_data import DEFAULT_DETECTOR, DETECTOR_IMGSZ, FaceBoxer
+    from training.evaluate_embedder import evaluate_pairs, load_embedder, write_far_table
+    from training.lfw import VAL_PAIRS_FILE, default_images_dir, read_pairs
+    from stages.face_landmarks import landmarks_to_run
+
+    images = default_images_dir()
+    if not images.is_dir() or not Path(DEFAULT_DETECTOR).is_file():
+        log.warning("no LFW images at %s or no detector at %s: impostor_far_table not written; "
+                    "run `facewatch evaluate-embedder --write-metadata` where they are",
+                    images, DEFAULT_DETECTOR)
+        return None
+    embedder = load_embedder(Path(model))
+    pairs, folds = read_pairs(VAL_PAIRS_FILE)
+    boxer = FaceBoxer(Path(DEFAULT_DETECTOR), DETECTOR_IMGSZ,
+                      landmarks=landmarks_to_run(embedder.crop_spec.alignment,
+                                                 Path(DEFAULT_DETECTOR).parent / "face_landmarks.onnx"))
+    report = evaluate_pairs(embedder, pairs, folds, images, boxer, source=VAL_PAIRS_FILE.name)
+    write_far_table(Path(model), report["impostor_far_table"])
+    return report["impostor_far_table"]
 
 
 def load_keras_embedder(path: Path):

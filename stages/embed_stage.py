@@ -18,6 +18,7 @@ import numpy as np
 from stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
 from stages.messages import FaceCrops, FaceEmbeddings, Message
 from stages.onnx_session import ModelError
+from stages.open_set import METADATA_KEY, FarTable
 from stages.stage import BatchingStage
 
 
@@ -31,6 +32,8 @@ class EmbedderInfo:
     # The best pair-accuracy threshold (`threshold` is the stricter FAR 1e-3 one); older files
     # have only `threshold`.
     pair_accuracy_threshold: float | None = None
+    # Impostor pair FAR -> threshold (stages.open_set), for the open-set operating point.
+    far_table: object | None = None
 
     def crop_spec(self, size: int | None = None, scale: float | None = None) -> CropSpec:
         """The crop this embedder wants, with the config's overrides (None: the model's)."""
@@ -68,9 +71,15 @@ def read_embedder_info(path: Path) -> EmbedderInfo:
         dims = model.graph.input[0].type.tensor_type.shape.dim
         size = dims[1].dim_value
     pair = meta.get("pair_accuracy_threshold")
+    table = None
+    if meta.get(METADATA_KEY) is not None:
+        try:
+            table = FarTable.from_metadata(meta[METADATA_KEY])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"face embedder {path}: unreadable {METADATA_KEY} metadata: {exc}") from exc
     return EmbedderInfo(int(size), float(meta.get("crop_scale", DEFAULT_CROP_SCALE)),
                         float(meta.get("threshold", 0.5)), str(meta.get("crop_alignment", "box")),
-                        None if pair is None else float(pair))
+                        None if pair is None else float(pair), table)
 
 
 @dataclass

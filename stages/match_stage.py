@@ -49,9 +49,19 @@ class MatchStage(Stage):
 
         embedder = self.cfg.models.embedder
         info = read_embedder_info(embedder)
+        self.far_table = info.far_table
         self.model_id = file_model_id(embedder)
         configured = self.cfg.match.threshold
-        self.threshold = configured if configured is not None else info.threshold
+        if configured is not None:
+            self.threshold, how = configured, "configured match.threshold"
+        elif self.far_table is not None:   # follows the gallery's size: set on every reload
+            self.threshold, how = self._operating_point(0).threshold, \
+                f"match.target_far {self.cfg.match.target_far:g}, follows the gallery's size"
+        else:
+            self.threshold = info.threshold
+            how = ("the embedder's metadata threshold: this model has no impostor_far_table, so "
+                   "match.target_far cannot be applied (`facewatch evaluate-embedder "
+                   "--write-metadata`)")
         votes = self.cfg.embed.votes
         self.matcher = Matcher(self.threshold, votes, max(votes, self.cfg.match.vote_window))
         try:
@@ -62,10 +72,23 @@ class MatchStage(Stage):
             raise SetupError(f"gallery.path: {exc}") from None
         self.identity = self._file_identity()
         self.metrics.gallery_ok.set(1)
-        self.log.info("threshold %.3f (%s), model %s, gallery %s", self.threshold,
-                      "configured" if configured is not None else "from the embedder's metadata",
+        self.log.info("threshold %.3f (%s), model %s, gallery %s", self.threshold, how,
                       self.model_id, self.cfg.gallery.path)
         self.reload_gallery()
+
+    def _operating_point(self, gallery_size: int):
+        from stages.open_set import operating_point
+
+        return operating_point(self.far_table, self.cfg.match.target_far, gallery_size)
+
+    def _follow_gallery_size(self) -> None:
+        """The open-set threshold for the gallery now loaded (match.target_far per decision)."""
+        if self.cfg.match.threshold is not None or self.far_table is None:
+            return
+        point = self._operating_point(len(self.matcher.names))
+        if point.threshold != self.threshold:
+            self.threshold = self.matcher.threshold = point.threshold
+            self.log.info("%s", point.describe())
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -152,6 +175,7 @@ class MatchStage(Stage):
         else:
             self.matcher.set_gallery(snap.person_ids, snap.names, snap.embeddings)
             people = len(set(snap.names))
+        self._follow_gallery_size()
         self.metrics.gallery_people.set(people)
         self.metrics.gallery_embeddings.set(len(self.matcher.names))
         self.log.info("gallery loaded: %d people, %d embeddings", people, len(self.matcher.names))

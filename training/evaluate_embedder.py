@@ -2,11 +2,16 @@
 
     facewatch evaluate-embedder --model models/face_embedder.onnx \
         --pairs training/splits/lfw_val_pairs.txt --images ../shared/data/lfw/lfw-deepfunneled \
-        [--detector models/face_detector.onnx] [--roc-png roc.png]
+        [--detector models/face_detector.onnx] [--roc-png roc.png] [--write-metadata]
 
 Accepts the exported ONNX file (run through the daemon's FaceEmbedder) or a Keras `.keras`
 checkpoint. Prints 10-fold accuracy, ROC AUC, TAR at FAR 1e-3 and the best threshold; the last
 line on stdout is one JSON object with those numbers.
+
+It also measures the impostor similarity distribution the daemon's open-set operating point is
+derived from (stages.open_set): every cross-identity pair of the pairs' images, as a table of
+pair FAR -> threshold. `--write-metadata` writes that table into the ONNX file's metadata
+(`impostor_far_table`), which `match.target_far` needs.
 """
 from __future__ import annotations
 
@@ -79,8 +84,19 @@ def embed_images(embedder, keys: list[tuple[str, int]], crops: np.ndarray,
     return out
 
 
+def impostor_table(keys: list[tuple[str, int]], embeddings: dict, source: str):
+    """stages.open_set.FarTable of every cross-identity pair of these images."""
+    from stages.open_set import FarTable
+
+    names = np.array([k[0] for k in keys])
+    emb = np.stack([embeddings[k] for k in keys]).astype(np.float32)
+    upper = np.triu_indices(len(keys), 1)
+    sims = (emb @ emb.T)[upper]
+    return FarTable.from_scores(sims[names[upper[0]] != names[upper[1]]], len(keys), source)
+
+
 def evaluate_pairs(embedder, pairs: list[Pair], folds: list[int], images_dir: Path,
-                   boxer: FaceBoxer, roc_png: Path | None = None) -> dict:
+                   boxer: FaceBoxer, roc_png: Path | None = None, source: str = "pairs") -> dict:
     keys = sorted({(p.name1, p.index1) for p in pairs} | {(p.name2, p.index2) for p in pairs})
     missing = [image_path(images_dir, n, i) for n, i in keys if not image_path(images_dir, n, i).is_file()]
     if missing:
@@ -95,6 +111,9 @@ def evaluate_pairs(embedder, pairs: list[Pair], folds: list[int], images_dir: Pa
     report.update(images=len(keys), centre_box_fallbacks=boxer.fallbacks, boxes_from=boxer.description,
                   crop_alignment=embedder.crop_spec.alignment, aligned_on_landmarks=aligned,
                   seconds=round(time.monotonic() - start, 1))
+    report["impostor_far_table"] = impostor_table(
+        keys, embeddings, f"{source}: every cross-identity pair of its {len(keys)} images, "
+                          f"{embedder.crop_spec.alignment} crops, boxes from {boxer.description}")
     if roc_png is not None:
         save_roc_png(scores, labels, roc_png, title=f"ROC ({len(pairs)} pairs)")
     return report
@@ -140,6 +159,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate an evenly spread subset of this many pairs")
     parser.add_argument("--no-flip-average", action="store_true",
                         help="embed each face once, without its mirror image")
+    parser.add_argument("--write-metadata", action="store_true",
+                        help="write the measured impostor FAR table into the ONNX model's "
+                             "metadata (the daemon's match.target_far needs it)")
+
+
+METADATA_KEY_TEXT = "impostor_far_table"
+
+
+def write_far_table(model: Path, table) -> None:
+    """Into the ONNX embedder's metadata (export.onnx_metadata), where the daemon reads it."""
+    from export.onnx_metadata import set_metadata
+    from stages.open_set import METADATA_KEY
+
+    if Path(model).suffix != ".onnx":
+        raise ValueError(f"--write-metadata needs the exported .onnx model, got {model}")
+    set_metadata(Path(model), {METADATA_KEY: table.to_json()})
 
 
 def subset_pairs(pairs: list[Pair], folds: list[int], count: int) -> tuple[list[Pair], list[int]]:
@@ -167,7 +202,9 @@ def run(args: argparse.Namespace) -> int:
     landmarks = None if str(args.landmarks).lower() == "none" else Path(args.landmarks)
     boxer = FaceBoxer(detector, args.detector_imgsz,
                       landmarks=landmarks_to_run(embedder.crop_spec.alignment, landmarks))
-    report = evaluate_pairs(embedder, pairs, folds, images, boxer, args.roc_png)
+    report = evaluate_pairs(embedder, pairs, folds, images, boxer, args.roc_png,
+                            source=Path(args.pairs).name)
+    table = report["impostor_far_table"]
     print(f"pairs: {report['pairs']} ({len(set(folds))} folds), images: {report['images']}, "
           f"boxes: {report['boxes_from']}, centre-box fallbacks: {report['centre_box_fallbacks']}, "
           f"{report['crop_alignment']} crops, {report['aligned_on_landmarks']} aligned on landmarks")
@@ -177,8 +214,14 @@ def run(args: argparse.Namespace) -> int:
           f"(accuracy {report['accuracy_at_threshold']:.4f})")
     if args.roc_png:
         print(f"ROC curve: {args.roc_png}")
+    print(f"impostors: {table.pairs} cross-identity pairs of {table.images} images; thresholds "
+          + ", ".join(f"{t:.3f} at FAR {f:g}" for f, t in zip(table.far, table.threshold)))
+    if args.write_metadata:
+        write_far_table(args.model, table)
+        print(f"wrote {METADATA_KEY_TEXT} into {args.model}")
     print(json.dumps({k: report[k] for k in ("accuracy", "auc", "tar_at_far_1e-3", "threshold",
                                              "threshold_at_far_1e-3", "crop_alignment",
                                              "aligned_on_landmarks")}
-                     | {"pairs": report["pairs"], "model": str(args.model)}))
+                     | {"pairs": report["pairs"], "model": str(args.model),
+                        "impostor_far_table": json.loads(table.to_json())}))
     return 0
