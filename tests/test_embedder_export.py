@@ -139,3 +139,22 @@ def test_committed_model_accuracy_on_validation_pairs(capsys):
                  "--images", str(LFW)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["accuracy"] > 0.8, result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_export_writes_the_impostor_far_table(exported):
+    """export-embedder measures the open-set table of what it exported (runtime path, validation
+    pairs) and writes it into the file's metadata, where the daemon's match.target_far reads it."""
+    from export.embedder_onnx import measure_open_set
+    from stages.embed_stage import read_embedder_info
+    from training.lfw import default_images_dir
+
+    if not default_images_dir().is_dir():
+        pytest.skip(f"LFW not found at {default_images_dir()}")
+    _, onnx_path, _ = exported
+    assert read_embedder_info(onnx_path).far_table is None
+    table = measure_open_set(onnx_path)
+    info = read_embedder_info(onnx_path)
+    assert info.far_table == table and table.pairs > 100_000
+    assert info.threshold == 0.42   # the rest of the metadata is kept
