@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("daemon.keys_command", "make CURVE keys for the encrypted event socket"),
     "train-detector": ("training.train_detector", "train the YOLOv8 face detector"),
     "label-faces": ("training.pseudo_labels", "label detector training images with the CenterFace teacher"),
+    "quantize-model": ("export.quantize_onnx", "int8 copy of a model for CPU inference, calibrated on training images"),
     "export-detector": ("export.detector_onnx", "export a detector checkpoint to ONNX"),
     "evaluate-detector": ("training.evaluate_detector", "AP of a detector on WIDER FACE format"),
     "train-embedder": ("training.train_embedder", "train the ConvNeXt-Siamese embedder"),

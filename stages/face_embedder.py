@@ -16,9 +16,10 @@ class FaceEmbedder:
     def __init__(self, model_path, providers=DEFAULT_PROVIDERS, threads: int = 0,
                  flip_average: bool | None = None):
         self.session = load_session(model_path, providers, threads, what="face embedder")
-        # Gallery rows remember which model made them: embeddings of two models don't compare.
-        self.model_id = file_model_id(model_path)
         self.meta = metadata(self.session)
+        # Gallery rows remember which model made them: embeddings of two models don't compare.
+        # An int8 copy (`facewatch quantize-model`) names its parent's embedding space instead.
+        self.model_id = str(self.meta.get("embedding_space") or file_model_id(model_path))
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or inputs[0].shape[3] != 3:
             raise ModelError(f"face embedder {model_path}: expected one input [N, H, W, 3], got "
