@@ -84,7 +84,9 @@ def export_landmarks(model_path: Path, out: Path, summary: dict) -> dict:
         "crop_scale": float(summary["crop_scale"]),
         "input": "float32 NHWC RGB 0..255, the square box crop stages.face_crop.box_crop_matrix",
         "output": "(N, 10): x, y of five points as fractions of the crop side",
-        "point_order": POINT_ORDER,
+        # Models trained before `train-landmarks --labels` existed are dlib's layout.
+        "landmark_layout": summary.get("landmark_layout", "dlib"),
+        "point_order": summary.get("point_order", POINT_ORDER),
         "training_data": summary.get("data", {}),
         "metrics": {"val": summary.get("val"), "val_box_prior": summary.get("val_box_prior")},
     }

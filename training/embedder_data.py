@@ -136,15 +136,17 @@ class CropCache:
 
 def load_crop_cache(images_dir: Path, people: dict[str, list[int]], detector: Path | None,
                     spec: CropSpec = CropSpec(), detector_imgsz: int | None = DETECTOR_IMGSZ,
-                    teacher=None, cache_root: Path | None = None) -> CropCache:
+                    teacher=None, cache_root: Path | None = None,
+                    landmarks_from: str | None = None) -> CropCache:
     """Crops of every listed image, computed once and reused while the inputs stay the same.
 
     `teacher` (a `training.teacher_cache.TeacherCache` built with the same detector) supplies
-    dlib's boxes and landmarks; without it the detector's own landmarks are used, if any.
+    dlib's boxes and landmarks (or, named by `landmarks_from`, another labeller's: YuNet's for
+    `arcface_five_point`); without it the detector's own landmarks are used, if any.
     """
     has_detector = detector is not None and Path(detector).is_file()
     keys = sorted((name, i) for name, idx in people.items() for i in idx)
-    landmarks_from = "dlib 5-point" if teacher is not None else "detector"
+    landmarks_from = landmarks_from or ("dlib 5-point" if teacher is not None else "detector")
     key = hashlib.sha1(json.dumps({
         "detector": file_sha256(Path(detector)) if has_detector else "centre-box",
         "imgsz": detector_imgsz if has_detector else None, "scale": spec.scale, "size": spec.size,
@@ -172,7 +174,7 @@ def load_crop_cache(images_dir: Path, people: dict[str, list[int]], detector: Pa
     np.save(tmp, crops)
     tmp.rename(folder / "crops.npy")
     description = boxer.description + (f", {spec.alignment} alignment on {landmarks_from} landmarks"
-                                       if spec.alignment == "five_point" else ", box crops")
+                                       if spec.alignment != "box" else ", box crops")
     meta = {"fallbacks": boxer.fallbacks, "boxes_from": description, "count": len(keys),
             "aligned": aligned, "crop_scale": spec.scale, "size": spec.size,
             "alignment": spec.alignment, "seconds": round(time.monotonic() - start, 1)}

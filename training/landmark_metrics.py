@@ -3,6 +3,8 @@
 Points are in `training.dlib_teacher.LANDMARK_NAMES` order: the two corners of the eye on the
 image's right, the two of the eye on its left, the nose bottom. The inter-ocular distance is the
 distance between the two eye centres (each the mean of its two corners), taken from the label.
+With `layout="arcface"` (YuNet's points: eye centres, nose tip, mouth corners) the eye centres are
+the first two points.
 """
 from __future__ import annotations
 
@@ -13,13 +15,17 @@ from training.detection_metrics import iou_matrix
 NME_GOOD = 0.1  # the usual "failure" threshold of inter-ocular NME
 
 
-def inter_ocular(points: np.ndarray) -> np.ndarray:
+def inter_ocular(points: np.ndarray, layout: str = "dlib") -> np.ndarray:
     """(N,) distance between the eye centres of (N, 5, 2) points."""
     points = np.asarray(points, np.float64).reshape(-1, 5, 2)
+    if layout == "arcface":
+        return np.linalg.norm(points[:, 0] - points[:, 1], axis=1)
+    if layout != "dlib":
+        raise ValueError(f"landmark layout must be 'dlib' or 'arcface', got {layout!r}")
     return np.linalg.norm(points[:, 0:2].mean(axis=1) - points[:, 2:4].mean(axis=1), axis=1)
 
 
-def landmark_nme(predicted: np.ndarray, target: np.ndarray) -> np.ndarray:
+def landmark_nme(predicted: np.ndarray, target: np.ndarray, layout: str = "dlib") -> np.ndarray:
     """(N,) mean over the five points of |predicted - target| (Euclidean), divided by the
     target's inter-ocular distance. A target with coincident eyes gives inf."""
     predicted = np.asarray(predicted, np.float64).reshape(-1, 5, 2)
@@ -27,7 +33,7 @@ def landmark_nme(predicted: np.ndarray, target: np.ndarray) -> np.ndarray:
     if predicted.shape != target.shape:
         raise ValueError(f"predicted {predicted.shape} and target {target.shape} landmarks differ in shape")
     error = np.linalg.norm(predicted - target, axis=2).mean(axis=1)
-    iod = inter_ocular(target)
+    iod = inter_ocular(target, layout)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(iod > 0, error / np.where(iod > 0, iod, 1.0), np.inf)
 

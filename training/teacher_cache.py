@@ -2,6 +2,13 @@
 
     facewatch teacher-cache [--images DIR] [--detector models/face_detector.onnx] [--workers 2]
     facewatch teacher-cache --unlabelled      # WIDER FACE and clip faces: training.unlabelled_teacher
+    facewatch teacher-cache --teacher sface|both [--val-pairs N]   # LFW through YuNet + SFace (+ dlib)
+    facewatch teacher-cache --folder DIR [--folder DIR ...] --teacher sface|dlib|both
+                                              # any folder of face photos: training.folder_teacher
+
+With `--teacher sface` or `both`, LFW goes through `training.folder_teacher` (YuNet's face nearest
+the centre, chunked and resumable) instead of the dlib-only cache below, and the teachers' scores
+on our validation pairs are printed (`--val-pairs N`: the images of N evenly spread pairs only).
 
 The face box of each image is the one the crop cache uses (`embedder_data.FaceBoxer`: our
 detector, centre-box fallback), so landmarks, aligned crops and teacher vectors all describe the
@@ -22,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training import unlabelled_teacher
+from training import folder_teacher, unlabelled_teacher
 from training.paths import runs_dir
 
 log = logging.getLogger("facewatch.teacher_cache")
@@ -125,6 +132,45 @@ def training_people(images_dir: Path) -> dict[str, list[int]]:
     return wanted
 
 
+def _lfw_through_folder_cache(args: argparse.Namespace, images: Path) -> int:
+    """LFW's training and validation images through `training.folder_teacher`, then each
+    teacher's verification on our validation pairs (raw unit vectors; cosine)."""
+    from training.evaluate_embedder import subset_pairs
+    from training.lfw import VAL_PAIRS_FILE, image_path, read_pairs
+    from training.verification_metrics import verification_report
+
+    pairs, folds = read_pairs(VAL_PAIRS_FILE)
+    if args.val_pairs:
+        pairs, folds = subset_pairs(pairs, folds, args.val_pairs)
+        people = {}
+        for p in pairs:
+            for name, index in ((p.name1, p.index1), (p.name2, p.index2)):
+                people.setdefault(name, set()).add(index)
+    else:
+        people = training_people(images)
+    files = sorted(image_path(images, n, i).relative_to(images).as_posix()
+                   for n, idx in people.items() for i in idx)
+    start = time.monotonic()
+    faces = folder_teacher.load_folder_faces(images, args.teacher, files=files, chunk=args.chunk,
+                                             workers=args.workers)
+    row = faces.index()
+    key = lambda name, index: row[image_path(images, name, index).relative_to(images).as_posix()]  # noqa: E731
+    report = {"event": "done", **folder_teacher.summary(faces, time.monotonic() - start),
+              "pairs": len(pairs), "pair_images": len({(p.name1, p.index1) for p in pairs}
+                                                      | {(p.name2, p.index2) for p in pairs})}
+    labels = np.array([p.same for p in pairs])
+    for teacher in ("sface", "dlib"):
+        if not folder_teacher.uses(args.teacher, teacher):
+            continue
+        v = faces.vectors(teacher)
+        scores = np.array([float(v[key(p.name1, p.index1)] @ v[key(p.name2, p.index2)]) for p in pairs])
+        r = verification_report(scores, labels, folds)
+        report.update({f"{teacher}_val_accuracy": r["accuracy"], f"{teacher}_val_auc": r["auc"],
+                       f"{teacher}_val_tar_at_far_1e-3": r["tar_at_far_1e-3"]})
+    print(json.dumps(report))
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from training.embedder_data import DEFAULT_DETECTOR
 
@@ -132,16 +178,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", type=Path, default=DEFAULT_DETECTOR,
                         help="face detector ONNX whose boxes the faces use")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument("--teacher", choices=("dlib", "sface", "both"), default="dlib",
+                        help="dlib: the ResNet on our detector's LFW boxes (the cache train-embedder "
+                             "reads); sface / both: YuNet + SFace (+ dlib on YuNet's box), chunked "
+                             "and resumable (with --folder: dlib on YuNet's box, SFace or both)")
+    parser.add_argument("--val-pairs", type=int, default=None,
+                        help="LFW with --teacher sface/both: only the images of this many evenly "
+                             "spread validation pairs (a quick check of the teacher)")
     unlabelled_teacher.add_arguments(parser)
+    folder_teacher.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from training.lfw import default_images_dir
 
     if args.unlabelled:
+        if args.teacher != "dlib" or args.folder:
+            raise ValueError("--unlabelled caches dlib's vectors of WIDER and clip faces: it takes "
+                             "neither --teacher sface/both nor --folder")
         return unlabelled_teacher.run(args)
-
+    if args.folder:
+        return folder_teacher.run(args)
     images = Path(args.images or default_images_dir())
+    if args.teacher != "dlib":
+        return _lfw_through_folder_cache(args, images)
+
     cache = load_teacher_cache(images, training_people(images), args.detector, args.workers)
     # The teacher's own score on our validation pairs: the ceiling the student is pulled towards.
     from training.lfw import VAL_PAIRS_FILE, read_pairs

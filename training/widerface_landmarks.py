@@ -1,5 +1,9 @@
 """Five-point landmark pseudo-labels for WIDER FACE, from dlib's 5-point model, computed once.
 
+`labeller="yunet"` labels the same boxes with YuNet's five points instead (eye centres, nose tip,
+mouth corners: the ArcFace layout, `training.sface_teacher.SFaceTeacher.face_in_box`); a box where
+YuNet finds no overlapping face gets NaN points, hence visibility 0.
+
 WIDER FACE has boxes only. For every face box of the split's train and val images (the boxes of
 the YOLO labels the detector trains on) dlib's shape predictor, run inside the box, gives five
 points in dlib's order (`training.dlib_teacher.LANDMARK_NAMES`). A face gets visibility 0 when
@@ -72,26 +76,31 @@ def read_yolo_boxes(label: Path, width: int, height: int) -> np.ndarray:
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1).astype(np.float32)
 
 
-def visibility(points: np.ndarray, boxes: np.ndarray, min_face_px: float = MIN_FACE_PX
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+LABELLERS = {"dlib": "dlib", "yunet": "arcface"}   # labeller -> landmark layout
+
+
+def visibility(points: np.ndarray, boxes: np.ndarray, min_face_px: float = MIN_FACE_PX,
+               layout: str = "dlib") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(visible, too_small, implausible) bool arrays for (N, 5, 2) points in (N, 4) boxes."""
     from stages.face_crop import landmarks_plausible
 
     too_small = (boxes[:, 3] - boxes[:, 1]) < min_face_px
-    implausible = np.array([not too_small[i] and not landmarks_plausible(points[i], boxes[i])
+    implausible = np.array([not too_small[i] and not landmarks_plausible(points[i], boxes[i], layout)
                             for i in range(len(boxes))], bool)
     return ~too_small & ~implausible, too_small, implausible
 
 
-def _cache_path(root: Path, rels: list[str], min_face_px: float) -> Path:
+def _cache_path(root: Path, rels: list[str], min_face_px: float, labeller: str = "dlib") -> Path:
     digest = hashlib.sha1()
-    digest.update(json.dumps({"root": str(Path(root).resolve()), "min_face_px": min_face_px,
-                              "version": 1}).encode())
+    settings = {"root": str(Path(root).resolve()), "min_face_px": min_face_px, "version": 1}
+    if labeller != "dlib":   # dlib's caches keep their names
+        settings["labeller"] = labeller
+    digest.update(json.dumps(settings).encode())
     for rel in rels:
         digest.update(rel.encode())
         label = (Path(root) / "labels" / rel).with_suffix(".txt")
         digest.update(label.read_bytes() if label.is_file() else b"-")
-    return runs_dir() / "landmarks" / f"widerface-dlib5-{digest.hexdigest()[:16]}.npz"
+    return runs_dir() / "landmarks" / f"widerface-{labeller}5-{digest.hexdigest()[:16]}.npz"
 
 
 def _load(path: Path) -> LandmarkLabels:
@@ -100,13 +109,34 @@ def _load(path: Path) -> LandmarkLabels:
                               z["points"], z["visible"], json.loads(str(z["reasons"])))
 
 
-def build_landmark_labels(root: Path, rels: list[str], min_face_px: float = MIN_FACE_PX,
-                          progress: bool = True) -> LandmarkLabels:
-    """Run dlib on every labelled face of `rels` (images that do not decode or have no label
-    are left out: `training.widerface.check_images` skips them too)."""
-    from training.dlib_teacher import DlibTeacher
+def _labeller(name: str):
+    """frame (BGR), boxes (K, 4) -> (K, 5, 2) points in the labeller's layout (NaN: none found)."""
+    if name == "dlib":
+        from training.dlib_teacher import DlibTeacher
 
-    teacher = DlibTeacher(embeddings=False)
+        teacher = DlibTeacher(embeddings=False)
+        return lambda frame, boxes: teacher.landmarks(frame[..., ::-1], boxes)
+    if name == "yunet":
+        from training.sface_teacher import SFaceTeacher
+
+        yunet = SFaceTeacher(embeddings=False)
+
+        def label(frame, boxes):
+            out = np.full((len(boxes), 5, 2), np.nan, np.float32)
+            for i, box in enumerate(boxes):
+                face = yunet.face_in_box(frame, box)
+                if face is not None:
+                    out[i] = face[1]
+            return out
+        return label
+    raise ValueError(f"landmark labeller must be one of {tuple(LABELLERS)}, got {name!r}")
+
+
+def build_landmark_labels(root: Path, rels: list[str], min_face_px: float = MIN_FACE_PX,
+                          progress: bool = True, labeller: str = "dlib") -> LandmarkLabels:
+    """Run dlib (or YuNet) on every labelled face of `rels` (images that do not decode or have no
+    label are left out: `training.widerface.check_images` skips them too)."""
+    place = _labeller(labeller)
     kept, offsets, sizes, boxes, points = [], [0], [], [], []
     start = time.monotonic()
     for n, rel in enumerate(rels, 1):
@@ -119,7 +149,7 @@ def build_landmark_labels(root: Path, rels: list[str], min_face_px: float = MIN_
             b = read_yolo_boxes(label, w, h)
         except ValueError:
             continue
-        p = teacher.landmarks(frame[..., ::-1], b) if len(b) else np.zeros((0, 5, 2), np.float32)
+        p = place(frame, b) if len(b) else np.zeros((0, 5, 2), np.float32)
         kept.append(rel)
         sizes.append((h, w))
         boxes.append(b)
@@ -130,24 +160,27 @@ def build_landmark_labels(root: Path, rels: list[str], min_face_px: float = MIN_
                   f"{time.monotonic() - start:.0f} s", flush=True)
     boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)
     points = np.concatenate(points) if points else np.zeros((0, 5, 2), np.float32)
-    visible, too_small, implausible = visibility(points, boxes, min_face_px)
-    reasons = {"faces": len(boxes), "visible": int(visible.sum()), "too_small": int(too_small.sum()),
+    visible, too_small, implausible = visibility(points, boxes, min_face_px, LABELLERS[labeller])
+    reasons = {"labeller": labeller, "layout": LABELLERS[labeller],
+               "faces": len(boxes), "visible": int(visible.sum()), "too_small": int(too_small.sum()),
                "implausible": int(implausible.sum()), "min_face_px": min_face_px,
                "seconds": round(time.monotonic() - start, 1)}
     return LandmarkLabels(kept, np.array(offsets, np.int64), np.array(sizes, np.int32).reshape(-1, 2),
                           boxes.astype(np.float32), points.astype(np.float32), visible, reasons)
 
 
-def load_landmark_labels(root: Path, rels: list[str], min_face_px: float = MIN_FACE_PX
-                         ) -> LandmarkLabels:
+def load_landmark_labels(root: Path, rels: list[str], min_face_px: float = MIN_FACE_PX,
+                         labeller: str = "dlib") -> LandmarkLabels:
     """The cached pseudo-labels of `rels`, computing (and caching) them on the first call."""
-    path = _cache_path(root, rels, min_face_px)
+    if labeller not in LABELLERS:
+        raise ValueError(f"landmark labeller must be one of {tuple(LABELLERS)}, got {labeller!r}")
+    path = _cache_path(root, rels, min_face_px, labeller)
     if path.is_file():
         labels = _load(path)
     else:
-        print(f"landmark pseudo-labels: dlib 5-point on {len(rels)} images (once; cached in {path})",
-              flush=True)
-        labels = build_landmark_labels(root, rels, min_face_px)
+        print(f"landmark pseudo-labels: {labeller} 5-point on {len(rels)} images (once; cached in "
+              f"{path})", flush=True)
+        labels = build_landmark_labels(root, rels, min_face_px, labeller=labeller)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, images=np.array(labels.images), offsets=labels.offsets,
