@@ -112,6 +112,7 @@ class _HelpStubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def _add_command_arguments(parser: argparse.ArgumentParser, name: str, stubbed: bool) -> None:
     stubs = _HelpStubs() if stubbed else None
+    before = set(sys.modules)
     if stubs is not None:
         sys.meta_path.insert(0, stubs)
     try:
@@ -121,6 +122,12 @@ def _add_command_arguments(parser: argparse.ArgumentParser, name: str, stubbed: 
     finally:
         if stubs is not None:
             sys.meta_path.remove(stubs)
+            # the stand-ins, and our modules imported against them, must not be found by a later
+            # real import (a help normally ends the process; tests build several in one)
+            for key in set(sys.modules) - before:
+                if isinstance(sys.modules[key], _StubModule) or \
+                        key.split(".")[0] in ("daemon", "stages", "training", "export"):
+                    del sys.modules[key]
 
 
 def build_parser(command: str | None = None, for_help: bool = False) -> argparse.ArgumentParser:
@@ -135,12 +142,8 @@ def build_parser(command: str | None = None, for_help: bool = False) -> argparse
                 try:
                     _add_command_arguments(p, name, stubbed=True)
                 except Exception:  # noqa: BLE001  module-level code the stand-ins cannot satisfy:
-                    # build this help the slow way (a fresh sub-parser: the failed one may be half
-                    # filled), and say nothing about it
-                    for key in [k for k in sys.modules if k.split(".")[0] in HEAVY_MODULES
-                                or k == module or k.startswith(module + ".")]:
-                        if isinstance(sys.modules[key], _StubModule) or key == module:
-                            del sys.modules[key]
+                    # build this help the slow way (a fresh parser: the failed one may be half
+                    # filled); what was imported against the stand-ins is gone already
                     return build_parser(command, for_help=False)
             else:
                 _add_command_arguments(p, name, stubbed=False)

@@ -556,7 +556,7 @@ def problems(cfg: FacewatchConfig) -> list[str]:
             if var not in os.environ:
                 out.append(f"cameras[{i}].uri: environment variable {var} is not set here")
     if cfg.models.landmarks is None and cfg.models.embedder.is_file():
-        from stages.embed_stage import read_embedder_info
+        from stages.embedder_info import read_embedder_info
 
         if read_embedder_info(cfg.models.embedder).crop_alignment == "five_point":
             out.append("models.landmarks is null but the embedder aligns faces on five landmarks: "

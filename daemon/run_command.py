@@ -65,7 +65,7 @@ def required_files(cfg: FacewatchConfig) -> list[tuple[str, Path, str]]:
 
 
 def _aligns_on_landmarks(embedder: Path) -> bool:
-    from stages.embed_stage import read_embedder_info
+    from stages.embedder_info import read_embedder_info
     from stages.errors import SetupError
 
     try:

@@ -38,7 +38,7 @@ class DetectStage(BatchingStage):
         return Defaults.FRAME_RCVHWM
 
     def setup(self) -> None:
-        from stages.embed_stage import read_embedder_info
+        from stages.embedder_info import read_embedder_info
         from stages.run_state import RunCounters
 
         self.counters = RunCounters(self.cfg.runtime.dir)

@@ -7,79 +7,14 @@ CPU is logged once (stages.onnx_session) and shown by the execution_provider met
 """
 from __future__ import annotations
 
-import ast
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
 from stages.messages import FaceCrops, FaceEmbeddings, Message
-from stages.onnx_session import ModelError
-from stages.open_set import METADATA_KEY, FarTable
+from stages.embedder_info import EmbedderInfo, read_embedder_info  # noqa: F401  (re-exported)
 from stages.stage import BatchingStage
-
-
-@dataclass(frozen=True)
-class EmbedderInfo:
-    input_size: int
-    crop_scale: float
-    threshold: float
-    # How its training crops were made; models exported before alignment existed say nothing.
-    crop_alignment: str = "box"
-    # The best pair-accuracy threshold (`threshold` is the stricter FAR 1e-3 one); older files
-    # have only `threshold`.
-    pair_accuracy_threshold: float | None = None
-    # Impostor pair FAR -> threshold (stages.open_set), for the open-set operating point.
-    far_table: object | None = None
-
-    def crop_spec(self, size: int | None = None, scale: float | None = None) -> CropSpec:
-        """The crop this embedder wants, with the config's overrides (None: the model's)."""
-        return CropSpec(size or self.input_size, self.crop_alignment, scale or self.crop_scale)
-
-
-def _decode(value: str):
-    try:
-        return json.loads(value)
-    except ValueError:
-        try:
-            return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value
-
-
-def read_embedder_info(path: Path) -> EmbedderInfo:
-    """Crop geometry and suggested threshold from the embedder file's metadata, without starting
-    an inference session (detect and match need them, not the model)."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"face embedder file not found: {path}")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:   # onnx raises DecodeError and friends for a bad file
-        raise ModelError(f"face embedder {path} is not an ONNX model: {exc}") from exc
-    meta = {p.key: _decode(p.value) for p in model.metadata_props}
-    if "facewatch_embedder" not in meta:
-        raise ModelError(f"face embedder {path}: no facewatch_embedder metadata; export it with "
-                         f"`facewatch export-embedder`")
-    size = meta.get("input_size")
-    if size is None:
-        dims = model.graph.input[0].type.tensor_type.shape.dim
-        size = dims[1].dim_value
-    pair = meta.get("pair_accuracy_threshold")
-    table = None
-    if meta.get(METADATA_KEY) is not None:
-        try:
-            table = FarTable.from_metadata(meta[METADATA_KEY])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"face embedder {path}: unreadable {METADATA_KEY} metadata: {exc}") from exc
-    return EmbedderInfo(int(size), float(meta.get("crop_scale", DEFAULT_CROP_SCALE)),
-                        float(meta.get("threshold", 0.5)), str(meta.get("crop_alignment", "box")),
-                        None if pair is None else float(pair), table)
 
 
 @dataclass

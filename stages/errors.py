@@ -22,3 +22,9 @@ EXIT_PIPE = 141           # 128 + SIGPIPE: the reader of stdout went away
 
 class SetupError(ValueError):
     """A stage cannot start and restarting it will not help."""
+
+
+class ModelError(SetupError):
+    """A model file that cannot be used; the message names the file and what was expected.
+    Fatal for the daemon: restarting a stage does not change the file. (Here, not in
+    stages.onnx_session, so that reading a model's metadata needs no onnxruntime.)"""

@@ -15,7 +15,8 @@ from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, met
 class FaceEmbedder:
     def __init__(self, model_path, providers=DEFAULT_PROVIDERS, threads: int = 0,
                  flip_average: bool | None = None):
-        self.session = load_session(model_path, providers, threads, what="face embedder")
+        self.session = load_session(model_path, providers, threads, what="face embedder",
+                                    cpu_arena=True)
         self.meta = metadata(self.session)
         # Gallery rows remember which model made them: embeddings of two models don't compare.
         # An int8 copy (`facewatch quantize-model`) names its parent's embedding space instead.

@@ -43,7 +43,7 @@ class MatchStage(Stage):
         self._why = ""
 
     def setup(self) -> None:
-        from stages.embed_stage import read_embedder_info
+        from stages.embedder_info import read_embedder_info
         from stages.errors import SetupError
         from stages.gallery import Gallery, GalleryError, file_model_id
 

@@ -16,8 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import cv2
-
 from stages.messages import EVENT_SCHEMA, Message, TrackDecision, event_json
 from stages.run_state import RunCounters
 from stages.stage import Stage
@@ -240,6 +238,8 @@ class PublishStage(Stage):
             "latency_ms": round((now - msg.capture_ts) * 1000, 1),
         }
         if self.pcfg.snapshots and len(msg.snapshot):
+            import cv2   # only with snapshots: OpenCV is ~17 MB of RSS this stage otherwise skips
+
             ok, jpeg = cv2.imencode(".jpg", msg.snapshot[0],
                                     [cv2.IMWRITE_JPEG_QUALITY, self.pcfg.snapshot_quality])
             if ok:
