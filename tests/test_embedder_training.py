@@ -152,3 +152,21 @@ def test_aligned_run_with_the_dlib_teacher(runs):
     # Most LFW faces get plausible dlib landmarks; a few fall back to the box.
     assert summary["data"]["aligned_on_landmarks"] >= 0.9 * (summary["data"]["train_images"])
     assert np.isfinite(summary["history"][0]["loss"])
+
+
+@needs_lfw
+def test_arcface_aligned_run_on_yunet_landmarks(runs):
+    """The teacher's geometry: YuNet's five points in our detector's boxes, the ArcFace template."""
+    from training.wheel_models import YUNET, wheel_model_path
+
+    try:
+        wheel_model_path(YUNET)
+    except FileNotFoundError as exc:
+        pytest.skip(f"YuNet not installed: {exc}")
+    run_dir = train("--loss", "arcface", "--out", "run-arcface-align",
+                    "--alignment", "arcface_five_point", "--landmarks", "yunet")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["crop_alignment"] == "arcface_five_point"
+    assert "yunet 5-point" in summary["data"]["boxes_from"]
+    assert summary["data"]["aligned_on_landmarks"] >= 0.9 * summary["data"]["train_images"]
+    assert np.isfinite(summary["history"][0]["loss"])
