@@ -106,3 +106,13 @@ def test_both_teachers_store_dlib_beside_sface(photos, tmp_path):
     # dlib's points sit inside YuNet's box, eye corners either side of YuNet's eye centres
     assert (faces.dlib_points[:, 0, 0] > faces.yunet_points[:, 1, 0]).all()
     assert (faces.dlib_points[:, 2, 0] < faces.yunet_points[:, 0, 0]).all()
+
+
+def test_one_teacher_reuses_the_both_cache(photos, tmp_path):
+    pytest.importorskip("dlib")
+    both = folder_teacher.load_folder_faces(photos, "both", max_images=2, cache_root=tmp_path,
+                                            progress=lambda line: None)
+    lines = []
+    sface = folder_teacher.load_folder_faces(photos, "sface", max_images=2, cache_root=tmp_path,
+                                             progress=lines.append)
+    assert lines == [] and np.array_equal(sface.sface, both.sface)

@@ -16,7 +16,8 @@ Written to `runs/teacher_cache/folder-<folder name>-<key>/` as chunks (`chunk-<h
 renamed into place when complete), so an interrupted run loses at most the chunks in flight and
 a rerun computes only the photos no chunk holds (more photos, a larger `--max-images`: only the
 new ones). The key covers the folder's path, the teachers and the model files, not the photo
-list. Each finished chunk prints one JSON progress line (photos done / total, photos per second,
+list; a one-teacher run also reads the `both` cache of the same folder, so photos done there are
+not done again. Each finished chunk prints one JSON progress line (photos done / total, photos per second,
 ETA). An unreadable photo is named in a warning, recorded in its chunk and skipped.
 """
 from __future__ import annotations
@@ -114,7 +115,7 @@ def _teachers(teacher: str):
             from training.dlib_teacher import DlibTeacher
 
             dlib = DlibTeacher()
-        _WORKER[teacher] = (SFaceTeacher(), dlib)
+        _WORKER[teacher] = (SFaceTeacher(embeddings=uses(teacher, "sface")), dlib)
     return _WORKER[teacher]
 
 
@@ -206,9 +207,9 @@ class FolderFaces:
         return self.sface if teacher == "sface" else self.dlib
 
 
-def _read_chunks(cache: Path) -> list[dict]:
+def _read_chunks(*caches: Path) -> list[dict]:
     chunks = []
-    for path in sorted(cache.glob("chunk-*.npz")):
+    for path in sorted(p for cache in caches for p in Path(cache).glob("chunk-*.npz")):
         if path.name.endswith(".tmp.npz"):
             continue
         with np.load(path) as z:
@@ -235,8 +236,11 @@ def load_folder_faces(folder: Path, teacher: str = "sface", max_images: int | No
     cache.mkdir(parents=True, exist_ok=True)
     for stale in cache.glob("*.tmp.npz"):      # a chunk cut short by an interruption
         stale.unlink()
+    sources = [cache]
+    if teacher != "both" and cache_folder(folder, "both", cache_root).is_dir():
+        sources.append(cache_folder(folder, "both", cache_root))   # holds both teachers' vectors
     done: set[str] = set()
-    for c in _read_chunks(cache):
+    for c in _read_chunks(*sources):
         done.update(str(p) for p in c["listed"])
     todo = [rel for rel in wanted if rel not in done]
     jobs = [_Chunk(str(folder), tuple(todo[s:s + chunk]), teacher, str(cache))
@@ -244,7 +248,7 @@ def load_folder_faces(folder: Path, teacher: str = "sface", max_images: int | No
     if jobs:
         _compute(jobs, folder, len(wanted), len(wanted) - len(todo), workers,
                  progress or (lambda line: print(line, flush=True)))
-    return _assemble(folder, cache, teacher, wanted)
+    return _assemble(folder, cache, teacher, wanted, sources)
 
 
 def _compute(jobs: list[_Chunk], folder: Path, total: int, already: int, workers: int,
@@ -277,14 +281,16 @@ def _compute(jobs: list[_Chunk], folder: Path, total: int, already: int, workers
             pool.shutdown(cancel_futures=True)
 
 
-def _assemble(folder: Path, cache: Path, teacher: str, wanted: list[str]) -> FolderFaces:
-    chunks = _read_chunks(cache)
+def _assemble(folder: Path, cache: Path, teacher: str, wanted: list[str],
+              sources: list[Path]) -> FolderFaces:
+    chunks = _read_chunks(*sources)
     unreadable = sorted({str(p) for c in chunks for p in c["unreadable"]} & set(wanted))
     merged = {f: np.concatenate([c[f] for c in chunks]) if chunks else _empty_arrays()[f]
               for f in FIELDS}
     where = {str(p): i for i, p in enumerate(merged["paths"])}
     rows = np.array([where[rel] for rel in wanted if rel in where], np.int64)
-    missing = [rel for rel in wanted if rel not in where and rel not in set(unreadable)]
+    skipped = set(unreadable)
+    missing = [rel for rel in wanted if rel not in where and rel not in skipped]
     if missing:
         raise RuntimeError(f"teacher cache {cache}: {len(missing)} photos missing after the run, "
                            f"e.g. {missing[:3]}")
