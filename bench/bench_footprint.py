@@ -8,9 +8,11 @@ turns: the size of the venv folder, whether torch / TensorFlow / ultralytics are
 there, the wall time of `facewatch --help` and `facewatch run --help`, then `facewatch run` of
 that venv (its own installed code, started from an empty folder) on one looped camera (the
 shared clip, real time) with a 100-person synthetic gallery: seconds from launch to READY
-(every stage reported ready) and to the first processed frame, and the RSS of the supervisor and
-of every stage after `--seconds` of processing, with their total. `--models` names the model
-folder for venvs whose package does not ship them (older versions). Prints one JSON object.
+(every stage reported ready) and to the first processed frame, then the RSS (and PSS, which
+shares libraries fairly between processes) of the supervisor and of every stage, sampled once a
+second during `--seconds` of processing: the median of each process and of the total, and the
+largest total seen. `--models` names the model folder for venvs whose package does not ship
+them (older versions). Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -75,14 +77,18 @@ def write_config(workdir: Path, video: Path, models: Path | None, gallery: Path,
     return path, port
 
 
-def rss_mb(pid: int) -> float | None:
+def memory_mb(pid: int) -> tuple[float, float] | None:
+    """(RSS, PSS) of a process in MiB, from /proc/PID/smaps_rollup."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return None
-    return None
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Rss", "Pss"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values.get("Rss", 0.0), values.get("Pss", 0.0)
 
 
 def measure_daemon(venv: Path, workdir: Path, config: Path, port: int, seconds: float) -> dict:
@@ -121,14 +127,26 @@ def measure_daemon(venv: Path, workdir: Path, config: Path, port: int, seconds: 
                 return False
         wait(processed, "the first processed frame")
         out["startup_to_first_frame_s"] = round(time.monotonic() - start, 2)
-        time.sleep(seconds)   # a fixed processing window before RSS is read, not a wait for state
-        st = status()
-        pids = {name: s["pid"] for name, s in st["stages"].items() if s.get("pid")}
-        pids["supervisor"] = st["supervisor_pid"]
-        rss = {name: rss_mb(pid) for name, pid in pids.items()}
-        out["rss_mb"] = rss
-        out["rss_total_mb"] = round(sum(v for v in rss.values() if v), 1)
-        out["frames_processed"] = metric_sum(scrape(port), "facewatch_frames_processed_total")
+        frames0 = metric_sum(scrape(port), "facewatch_frames_processed_total")
+        samples: list[dict[str, tuple[float, float]]] = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:   # one sample a second through a fixed window
+            st = status()
+            pids = {name: s["pid"] for name, s in st["stages"].items() if s.get("pid")}
+            pids["supervisor"] = st["supervisor_pid"]
+            samples.append({n: m for n, pid in pids.items() if (m := memory_mb(pid))})
+            time.sleep(1.0)
+        names = sorted({n for s in samples for n in s})
+        med = lambda xs: round(float(sorted(xs)[len(xs) // 2]), 1)   # noqa: E731
+        out["rss_mb"] = {n: med([s[n][0] for s in samples if n in s]) for n in names}
+        out["pss_mb"] = {n: med([s[n][1] for s in samples if n in s]) for n in names}
+        totals = [sum(m[0] for m in s.values()) for s in samples]
+        out["rss_total_mb"] = med(totals)
+        out["rss_total_max_mb"] = round(max(totals), 1)
+        out["pss_total_mb"] = med([sum(m[1] for m in s.values()) for s in samples])
+        out["samples"] = len(samples)
+        out["frames_per_s"] = round((metric_sum(scrape(port), "facewatch_frames_processed_total")
+                                     - frames0) / seconds, 1)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

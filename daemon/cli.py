@@ -41,7 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "enroll": ("daemon.gallery_commands", "enroll a person from one or more photos"),
     "gallery": ("daemon.gallery_commands", "list, remove or export gallery entries"),
     "events": ("daemon.events_command", "subscribe to recognition events and print JSON lines"),
-    "validate-config": ("daemon.config", "check a config file; name the bad key and value"),
+    "validate-config": ("daemon.config", "check a config file and the models it names: "
+                        "whatever `run` would refuse, with its exit status"),
     "keys": ("daemon.keys_command", "make CURVE keys for the encrypted event socket"),
     "train-detector": ("training.train_detector", "train the YOLOv8 face detector"),
     "label-faces": ("training.pseudo_labels", "label detector training images with the CenterFace teacher"),
