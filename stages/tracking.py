@@ -72,8 +72,10 @@ class CameraTracker:
 
     def __init__(self, kind: str, args: TrackerArgs):
         _check_kind(kind)
+        from supervision import Detections as SvDetections
         from supervision.tracker.byte_tracker.core import ByteTrack
 
+        self._detections = SvDetections
         with warnings.catch_warnings():   # supervision announces ByteTrack's move to `trackers`
             warnings.simplefilter("ignore")   # (which requires opencv-python): pinned < 0.31
             self.tracker = ByteTrack(track_activation_threshold=args.track_high_thresh,
@@ -87,12 +89,10 @@ class CameraTracker:
 
     def update(self, detections: Detections, image: np.ndarray | None = None) -> Tracks:
         """One frame's detections -> its tracks (`image` is unused: kept for callers)."""
-        import supervision as sv
-
         keep = np.flatnonzero(detections.scores >= self.low_thresh)
-        dets = sv.Detections(xyxy=detections.boxes[keep].astype(np.float32).reshape(-1, 4),
-                             confidence=detections.scores[keep].astype(np.float32),
-                             data={"index": keep.astype(np.int64)})
+        dets = self._detections(xyxy=detections.boxes[keep].astype(np.float32).reshape(-1, 4),
+                                confidence=detections.scores[keep].astype(np.float32),
+                                data={"index": keep.astype(np.int64)})
         tracked = self.tracker.update_with_detections(dets)
         idx = np.asarray(tracked.data.get("index", np.zeros(0, np.int64)), np.int64)
         ids = np.asarray(tracked.tracker_id, np.int64).reshape(-1)
