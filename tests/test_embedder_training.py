@@ -170,3 +170,32 @@ def test_arcface_aligned_run_on_yunet_landmarks(runs):
     assert "yunet 5-point" in summary["data"]["boxes_from"]
     assert summary["data"]["aligned_on_landmarks"] >= 0.9 * summary["data"]["train_images"]
     assert np.isfinite(summary["history"][0]["loss"])
+
+
+@needs_lfw
+def test_sface_teacher_run_with_a_folder_of_unlabelled_faces(runs, tmp_path):
+    """SFace targets on ArcFace-aligned crops, plus faces of a plain folder of photos."""
+    import shutil
+
+    from training.wheel_models import SFACE, wheel_model_path
+
+    try:
+        wheel_model_path(SFACE)
+    except FileNotFoundError as exc:
+        pytest.skip(f"SFace not installed: {exc}")
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for src in sorted(LFW.glob("Z*/*.jpg"))[:8]:
+        shutil.copy(src, folder / src.name)
+    run_dir = train("--loss", "arcface", "--out", "run-sface", "--embedding-size", "128",
+                    "--teacher", "sface", "--alignment", "arcface_five_point", "--landmarks", "yunet",
+                    "--unlabelled-folder", str(folder))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["data"]["teacher"].startswith("face_recognition_sface_2021dec")
+    unlabelled = summary["data"]["unlabelled"]
+    assert unlabelled["faces"] == unlabelled["folders"][str(folder)]["faces"] == 8
+    assert summary["loss"] == "arcface + sface distillation"
+    assert np.isfinite(summary["history"][0]["loss"])
+    with pytest.raises(ValueError, match="--alignment arcface_five_point"):
+        train("--out", "refused", "--embedding-size", "128", "--teacher", "sface",
+              "--unlabelled-folder", str(folder))

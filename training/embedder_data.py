@@ -216,6 +216,38 @@ def load_unlabelled_crops(faces, spec: CropSpec = CropSpec(), cache_root: Path |
     return crops, aligned
 
 
+def load_folder_crops(faces, rows: np.ndarray, spec: CropSpec, cache_root: Path | None = None
+                      ) -> np.ndarray:
+    """Crops of the given rows of a `training.folder_teacher.FolderFaces` cache (photos of any
+    folder): `arcface_five_point` on YuNet's points, `five_point` on dlib's, `box` on YuNet's box.
+    Computed once into `runs/embedder_cache/folder-<key>/crops.npy` (read back memory-mapped)."""
+    rows = np.asarray(rows, np.int64)
+    digest = hashlib.sha1(json.dumps({
+        "faces": Path(faces.cache).name, "size": spec.size, "scale": spec.scale,
+        "alignment": spec.alignment}).encode())
+    digest.update("\n".join(faces.paths[rows]).encode())
+    folder = (cache_root or runs_dir() / "embedder_cache") / f"folder-{digest.hexdigest()[:16]}"
+    if (folder / "crops.npy").is_file():
+        return np.load(folder / "crops.npy", mmap_mode="r")
+    points = {"arcface_five_point": faces.yunet_points, "five_point": faces.dlib_points,
+              "box": None}[spec.alignment]
+    start = time.monotonic()
+    crops = np.empty((len(rows), spec.size, spec.size, 3), np.uint8)
+    for j, r in enumerate(rows):
+        image = read_image(Path(faces.folder) / str(faces.paths[r]))
+        crops[j] = crop_faces(image, faces.boxes[r][None], spec,
+                              None if points is None else points[r][None])[0][0]
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "crops.tmp.npy", crops)
+    (folder / "crops.tmp.npy").replace(folder / "crops.npy")
+    (folder / "meta.json").write_text(json.dumps({
+        "faces": str(faces.cache), "photos": str(faces.folder), "count": len(rows),
+        "alignment": spec.alignment, "size": spec.size,
+        "seconds": round(time.monotonic() - start, 1)}, indent=1))
+    print(f"folder face crops: {len(rows)} faces of {faces.folder}, {spec.alignment}", flush=True)
+    return crops
+
+
 # ---------------------------------------------------------------------------- augmentation
 def augment_crop(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One BGR uint8 crop -> a randomly altered float32 copy (detector jitter, camera, light)."""

