@@ -135,12 +135,13 @@ def training_people(images_dir: Path) -> dict[str, list[int]]:
 def _lfw_through_folder_cache(args: argparse.Namespace, images: Path) -> int:
     """LFW's training and validation images through `training.folder_teacher`, then each
     teacher's verification on our validation pairs (raw unit vectors; cosine)."""
-    from training.evaluate_embedder import subset_pairs
     from training.lfw import VAL_PAIRS_FILE, image_path, read_pairs
     from training.verification_metrics import verification_report
 
     pairs, folds = read_pairs(VAL_PAIRS_FILE)
     if args.val_pairs:
+        from training.evaluate_embedder import subset_pairs   # (imports Keras)
+
         pairs, folds = subset_pairs(pairs, folds, args.val_pairs)
         people = {}
         for p in pairs:
