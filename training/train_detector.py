@@ -103,13 +103,17 @@ def train(args: argparse.Namespace) -> Path:
         if not last.is_file() and args.checkpoint_dir and (Path(args.checkpoint_dir) / "last.pt").is_file():
             last.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(args.checkpoint_dir) / "last.pt", last)
+            curves = Path(args.checkpoint_dir) / "results.csv"
+            if curves.is_file():  # ultralytics appends the new epochs to it
+                shutil.copy(curves, last.parent.parent / "results.csv")
             log.info("resuming from the committed checkpoint %s", Path(args.checkpoint_dir) / "last.pt")
         if not last.is_file():
             raise FileNotFoundError(f"--resume given but no checkpoint at {last}"
                                     + (f" or {args.checkpoint_dir}/last.pt" if args.checkpoint_dir else ""))
         model = YOLO(str(last))
         add_checkpoint_copy(model, args.checkpoint_dir)
-        model.train(resume=True, data=str(data_yaml), workers=args.workers)
+        # the path, not True: ultralytics refuses resume=True for a checkpoint without optimizer state
+        model.train(resume=str(last), data=str(data_yaml), workers=args.workers)
     else:
         pretrained: str | bool = False
         schedule: dict = {}
