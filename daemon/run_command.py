@@ -67,9 +67,10 @@ def required_files(cfg: FacewatchConfig) -> list[tuple[str, Path, str]]:
 def _aligns_on_landmarks(embedder: Path) -> bool:
     from stages.embedder_info import read_embedder_info
     from stages.errors import SetupError
+    from stages.face_crop import LANDMARK_LAYOUTS
 
     try:
-        return Path(embedder).is_file() and read_embedder_info(embedder).crop_alignment == "five_point"
+        return Path(embedder).is_file() and read_embedder_info(embedder).crop_alignment in LANDMARK_LAYOUTS
     except SetupError:   # an unusable embedder file: reported on its own
         return False
 

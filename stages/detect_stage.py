@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from stages.detections import Detections
-from stages.face_crop import crop_faces
+from stages.face_crop import LANDMARK_LAYOUTS, crop_faces
 from stages.messages import FaceCrops, Message, VideoFrame
 from stages.quality import QualityGate, sharpness
 from stages.stage import BatchingStage
@@ -96,7 +96,7 @@ class DetectStage(BatchingStage):
         else:
             landmarks = None if tracks.landmarks is None else tracks.landmarks[keep]
         crops, aligned = crop_faces(frame.image, boxes, self.crop_spec, landmarks)
-        if self.crop_spec.alignment == "five_point" and not aligned.all():
+        if self.crop_spec.alignment in LANDMARK_LAYOUTS and not aligned.all():
             self.metrics.alignment_fallbacks.labels(cam).inc(int((~aligned).sum()))
         blur = sharpness(crops)
         sharp = ~self.gate.too_blurred(blur)

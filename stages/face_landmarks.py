@@ -11,14 +11,15 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from stages.face_crop import box_crop_matrix
+from stages.face_crop import LANDMARK_LAYOUTS, box_crop_matrix
 from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 NUM_LANDMARKS = 5
 
 
 class LandmarkModel:
-    def __init__(self, model_path, providers=DEFAULT_PROVIDERS, threads: int = 0):
+    def __init__(self, model_path, providers=DEFAULT_PROVIDERS, threads: int = 0,
+                 layout: str | None = None):
         self.path = model_path
         self.session = load_session(model_path, providers, threads, what="landmark model")
         self.meta = metadata(self.session)
@@ -36,6 +37,13 @@ class LandmarkModel:
         self.input_name = inputs[0].name
         self.input_size = int(self.meta.get("input_size", inputs[0].shape[1]))
         self.crop_scale = float(self.meta["crop_scale"])
+        # which five points: dlib's (eye corners, nose bottom) or ArcFace's (eye centres, nose tip,
+        # mouth corners); files exported before the choice existed place dlib's
+        self.layout = str(self.meta.get("landmark_layout", "dlib"))
+        if layout is not None and self.layout != layout:
+            raise ModelError(f"landmark model {model_path} places {self.layout!r} points, but the "
+                             f"embedder aligns on {layout!r} points: use a landmark model trained "
+                             f"on that layout (`facewatch train-landmarks --labels ...`)")
         self.provider = self.session.get_providers()[0]
 
     def crops(self, frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,12 +73,18 @@ class LandmarkModel:
 
 def landmarks_to_run(crop_alignment: str, path) -> object | None:
     """The landmark model file to run beside the detector: only for an embedder that aligns on
-    five points (a box-crop embedder has no use for landmarks), and only when one is configured."""
-    return path if crop_alignment == "five_point" and path is not None else None
+    five points (a box-crop embedder has no use for landmarks), and only when one is configured.
+    A file placing the other layout's points is refused here (ModelError), not after the fact."""
+    if crop_alignment not in LANDMARK_LAYOUTS or path is None:
+        return None
+    LandmarkModel(path, ("CPUExecutionProvider",), layout=LANDMARK_LAYOUTS[crop_alignment])
+    return path
 
 
 def landmark_model_from_config(models, crop_alignment: str) -> LandmarkModel | None:
     """The daemon's landmark model from its `models` config section, or None when the embedder
     does not align on five points or none is configured."""
-    path = landmarks_to_run(crop_alignment, models.landmarks)
-    return None if path is None else LandmarkModel(path, models.providers, models.threads)
+    if crop_alignment not in LANDMARK_LAYOUTS or models.landmarks is None:
+        return None
+    return LandmarkModel(models.landmarks, models.providers, models.threads,
+                         layout=LANDMARK_LAYOUTS[crop_alignment])

@@ -81,10 +81,19 @@ def test_runtime_crop_targets_match_the_daemons_crop():
         assert np.linalg.norm(_found(crops[0], COLOURS[i]) - targets[0].reshape(5, 2)[i] * 64) < 1.5
 
 
-def test_only_an_aligning_embedder_runs_the_landmark_model():
-    assert landmarks_to_run("five_point", Path("m.onnx")) == Path("m.onnx")
+def test_only_an_aligning_embedder_runs_the_landmark_model(tmp_path):
+    meta = {"facewatch_landmarks": "1", "input_size": 64, "crop_scale": 2.0}
+    dlib_points = _graph(tmp_path / "dlib.onnx", 10, meta)  # no layout: files before it were dlib's
+    arcface_points = _graph(tmp_path / "arcface.onnx", 10, {**meta, "landmark_layout": "arcface"})
+    assert landmarks_to_run("five_point", dlib_points) == dlib_points
+    assert landmarks_to_run("arcface_five_point", arcface_points) == arcface_points
     assert landmarks_to_run("box", Path("m.onnx")) is None
     assert landmarks_to_run("five_point", None) is None
+    # points of the other layout would align every face wrongly: refused, both layouts named
+    with pytest.raises(ModelError, match="places 'dlib' points, but the embedder aligns on 'arcface'"):
+        landmarks_to_run("arcface_five_point", dlib_points)
+    with pytest.raises(ModelError, match="places 'arcface' points, but the embedder aligns on 'dlib'"):
+        landmarks_to_run("five_point", arcface_points)
 
 
 def _graph(path: Path, outputs: int, metadata: dict) -> Path:
