@@ -207,6 +207,7 @@ def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[
     appearances = [(k, j) for k in loops for j in offline.first
                    if t0 <= offline.appearance_pts(k, j) + c <= t1 - tail]
     delays, waits, processing = [], [], []
+    to_crop, voting, steps, votes = [], [], {}, []
     for k, j in appearances:
         e = first.get((k, j))
         if e is None:
@@ -216,6 +217,12 @@ def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[
         delays.append(wait + proc)
         waits.append(wait)
         processing.append(proc)
+        votes.append(e.get("votes"))
+        if e.get("first_pts") is not None:   # the daemon's events say where the media wait went
+            to_crop.append(e["first_pts"] - offline.appearance_pts(k, j))
+            voting.append(e["frame_pts"] - e["first_pts"])
+        for name, ms in (e.get("timing_ms") or {}).items():
+            steps.setdefault(name, []).append(ms)
     n = len(appearances)
     return {
         "appearances": n,
@@ -224,6 +231,13 @@ def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[
         "first_event_delay_s": summary(delays, digits=3),
         "of_which_media_wait_s": summary(waits, digits=3),
         "of_which_processing_s": summary(processing, digits=3),
+        # media wait = until the track's first embedded (good) crop + waiting for more votes
+        "media_wait_until_first_crop_s": summary(to_crop, digits=3) if to_crop else None,
+        "media_wait_for_votes_s": summary(voting, digits=3) if voting else None,
+        "votes_of_first_event": summary(votes, digits=1),
+        # processing, step by step (p50 per step, ms; from the events' timing_ms)
+        "processing_steps_ms_p50": {name: rnd(median(v), 1) for name, v in steps.items()}
+        if steps else None,
         "within_s": {f"{w:g}": rnd(sum(d <= w for d in delays) / n, 3) if n else None
                      for w in within},
         "censored_after_s": tail,

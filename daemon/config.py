@@ -219,6 +219,15 @@ class EmbedConfig(Section):
     votes: int = Field(3, ge=1, le=100, description="frames embedded at a track's start; the "
                                                   "match decision is made once this many voted")
     recheck_interval_s: float = Field(2.0, ge=0, description="then one frame per interval")
+    first_votes: int = Field(1, ge=1, le=100, description="a track's first decision once this "
+                             "many embeddings are in (1: its first good crop); revised when the "
+                             "full vote of `votes` disagrees")
+
+    @model_validator(mode="after")
+    def _first_votes(self):
+        if self.first_votes > self.votes:
+            raise ValueError(f"first_votes ({self.first_votes}) must be <= votes ({self.votes})")
+        return self
 
 
 class MatchConfig(Section):

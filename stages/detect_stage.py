@@ -3,6 +3,12 @@ gate -> face crops. Full frames stop here; only crops (the embedder's input) tra
 
 Batching: frames arriving within `batch_wait_ms` of the first pending one (up to `batch_max`)
 run as one detector call, whichever cameras they come from.
+
+Live cameras (streams, devices, files with `realtime: true`) want the newest frame, not the
+oldest: while a batch waits, a newer frame of the same live camera replaces the pending one
+(counted in frames_dropped{reason="stale"}), and frames that queued up in the socket while the
+detector ran are drained the same way, so a decision is about what the camera sees now (the
+first-event latency, issue 14). Lossless files (`realtime: false`) keep every frame.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ class DetectStage(BatchingStage):
         self.crop_spec = None
         self.landmark_model = None
         self._tracker_args = None
+        self.live = {c.name for c in ctx.config.cameras if c.realtime}
 
     def input_hwm(self) -> int:
         return Defaults.FRAME_RCVHWM
@@ -72,13 +79,43 @@ class DetectStage(BatchingStage):
         if not isinstance(msg, VideoFrame):
             self.log.warning("ignored unexpected %s", msg.KIND)
             return []
-        return self.enqueue(msg)
+        item = (msg, time.time())
+        replaced = False
+        if msg.camera in self.live:   # the newest frame of a live camera replaces a pending one
+            for i, (pending, _) in enumerate(self.pending):
+                if pending.camera == msg.camera:
+                    self.pending[i] = item
+                    self.metrics.frames_dropped.labels(msg.camera, "stale").inc()
+                    replaced = True
+                    break
+        if not replaced:
+            self.pending.append(item)
+            self.pending_units += 1
+            if self.deadline is None:
+                self.deadline = time.monotonic() + self.batch_wait_s
+        return self.flush() if self.pending_units >= self.batch_max or self._nothing_to_wait_for() \
+            else []
 
-    def run_batch(self, frames: list[VideoFrame]) -> list[Message]:
+    def _nothing_to_wait_for(self) -> bool:
+        """Every camera is live and has its frame here, and no newer frame waits in the socket
+        (that one would replace it): waiting for more only adds latency."""
+        active = self.cameras - self.ended
+        return (active <= self.live and active <= {f.camera for f, _ in self.pending}
+                and not (self.receiver is not None and self.receiver.waiting()))
+
+    def run_batch(self, items: list[tuple[VideoFrame, float]]) -> list[Message]:
         start = time.perf_counter()
+        started = time.time()
+        frames = [f for f, _ in items]
         detections = self.detector.detect([f.image for f in frames])
         self.metrics.batch_size.labels("detect").observe(len(frames))
-        out = [m for f, d in zip(frames, detections) if (m := self._faces(f, d)) is not None]
+        out = []
+        for (f, received), d in zip(items, detections):
+            m = self._faces(f, d)
+            if m is not None:
+                m.stamps = {"detect_recv": received, "detect_start": started,
+                            "detect_done": time.time()}
+                out.append(m)
         self.metrics.stage_latency.labels("detect").observe(time.perf_counter() - start)
         return out
 

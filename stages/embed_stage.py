@@ -2,7 +2,8 @@
 
 Not every frame of a track is embedded: the first `embed.votes` quality frames are (so match can
 vote), then one frame per `recheck_interval_s` of media time (so a wrong or changed identity is
-caught without paying for every frame). The model runs on CUDA when available; the fallback to
+caught without paying for every frame). A crop that a track's first decision waits for (its
+first `embed.first_votes`) runs at once instead of waiting `batch_wait_ms` for company. The model runs on CUDA when available; the fallback to
 CPU is logged once (stages.onnx_session) and shown by the execution_provider metric.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class EmbedStage(BatchingStage):
         self.embedder = None
         self.tracks: dict[tuple[str, int], _TrackState] = {}
         self.epochs: dict[str, int] = {}
+        self.first_crops = False   # the last chosen faces include a track's first-decision crop
 
     def setup(self) -> None:
         from stages.face_embedder import FaceEmbedder
@@ -50,12 +52,15 @@ class EmbedStage(BatchingStage):
             self.tracks = {k: v for k, v in self.tracks.items() if k[0] != msg.camera}
             self.epochs[msg.camera] = msg.epoch
         chosen = []
+        self.first_crops = False
         for i, tid in enumerate(msg.track_ids.tolist()):
             st = self.tracks.setdefault((msg.camera, tid), _TrackState())
             if st.embedded < self.ecfg.votes or msg.pts - st.last_pts >= self.ecfg.recheck_interval_s:
                 st.embedded += 1
                 st.last_pts = msg.pts
                 chosen.append(i)
+                # a track's first decision waits for this crop: no batch wait for it
+                self.first_crops |= st.embedded <= self.ecfg.first_votes
         for tid in msg.ended_tracks.tolist():
             self.tracks.pop((msg.camera, tid), None)
         return np.asarray(chosen, np.int64)
@@ -67,11 +72,12 @@ class EmbedStage(BatchingStage):
         chosen = self.choose(msg)
         if len(chosen) == 0 and len(msg.ended_tracks) == 0:
             return []
-        return self.enqueue((msg, chosen), len(chosen))
+        return self.enqueue((msg, chosen, time.time()), len(chosen), urgent=self.first_crops)
 
-    def run_batch(self, pending: list[tuple[FaceCrops, np.ndarray]]) -> list[Message]:
-        crops = [msg.crops[idx] for msg, idx in pending if len(idx)]
+    def run_batch(self, pending: list[tuple[FaceCrops, np.ndarray, float]]) -> list[Message]:
+        crops = [msg.crops[idx] for msg, idx, _ in pending if len(idx)]
         size = self.embedder.input_size
+        started = time.time()
         if crops:
             batch = np.concatenate(crops)
             start = time.perf_counter()
@@ -82,8 +88,9 @@ class EmbedStage(BatchingStage):
             self.metrics.batch_size.labels("embed").observe(len(batch))
         else:
             embeddings = np.zeros((0, self.embedder.embedding_size), np.float32)
+        done = time.time()
         out, at = [], 0
-        for msg, idx in pending:
+        for msg, idx, received in pending:
             n = len(idx)
             self.metrics.faces_embedded.labels(msg.camera).inc(n)
             out.append(FaceEmbeddings(
@@ -91,7 +98,9 @@ class EmbedStage(BatchingStage):
                 epoch=msg.epoch, track_ids=msg.track_ids[idx], boxes=msg.boxes[idx],
                 embeddings=embeddings[at:at + n],
                 crops=msg.crops[idx] if self.snapshots else np.zeros((0, size, size, 3), np.uint8),
-                ended_tracks=msg.ended_tracks))
+                ended_tracks=msg.ended_tracks,
+                stamps={**msg.stamps, "embed_recv": received, "embed_start": started,
+                        "embed_done": done}))
             at += n
         return out
 

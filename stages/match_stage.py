@@ -63,7 +63,8 @@ class MatchStage(Stage):
                    "match.target_far cannot be applied (`facewatch evaluate-embedder "
                    "--write-metadata`)")
         votes = self.cfg.embed.votes
-        self.matcher = Matcher(self.threshold, votes, max(votes, self.cfg.match.vote_window))
+        self.matcher = Matcher(self.threshold, votes, max(votes, self.cfg.match.vote_window),
+                               first_votes=min(self.cfg.embed.first_votes, votes))
         try:
             self.gallery = Gallery(self.cfg.gallery.path)
         except GalleryError as exc:   # read-only, not a gallery, too new: a restart cannot help
@@ -191,7 +192,8 @@ class MatchStage(Stage):
 
     # --- decisions ----------------------------------------------------------------------
     def _message(self, type_: str, camera: str, track_id: int, decision: Decision | None,
-                 latest: dict, best: dict | None = None) -> TrackDecision:
+                 latest: dict, best: dict | None = None, st: TrackState | None = None
+                 ) -> TrackDecision:
         sim = None if decision is None or math.isnan(decision.similarity) else decision.similarity
         snapshot = (best or {}).get("crop")
         return TrackDecision(
@@ -202,12 +204,15 @@ class MatchStage(Stage):
             threshold=float(self.threshold), votes=decision.votes if decision else 0,
             bbox=[round(float(v), 1) for v in latest["bbox"]], frame_pts=float(latest["pts"]),
             capture_ts=float(latest["wall_ts"]),
-            snapshot=snapshot[None] if snapshot is not None else np.zeros((0, 0, 0, 3), np.uint8))
+            snapshot=snapshot[None] if snapshot is not None else np.zeros((0, 0, 0, 3), np.uint8),
+            revision=max(0, st.revision) if st is not None else 0,
+            first_pts=None if st is None or st.first_pts is None else float(st.first_pts),
+            stamps={**latest.get("stamps", {}), "match_done": time.time()})
 
     def _decision(self, camera: str, track_id: int, decision: Decision, st: TrackState) -> TrackDecision:
         result = "recognized" if decision.recognized else "unknown"
         self.metrics.recognitions.labels(camera, result).inc()
-        return self._message(result, camera, track_id, decision, st.last, st.extra_for(decision))
+        return self._message(result, camera, track_id, decision, st.last, st.extra_for(decision), st)
 
     def _end(self, key: tuple, at: FaceEmbeddings | None = None) -> list[Message]:
         """Track ended (at the frame of `at`, when known): a late decision if it never got
@@ -220,7 +225,8 @@ class MatchStage(Stage):
         last = dict(st.last)
         if at is not None:
             last.update(pts=at.pts, wall_ts=at.wall_ts)
-        out.append(self._message("track_ended", camera, track_id, st.decision, last))
+        last.pop("stamps", None)   # the end is not about the last embedded frame's journey
+        out.append(self._message("track_ended", camera, track_id, st.decision, last, st=st))
         return out
 
     def process(self, msg: Message) -> list[Message]:
@@ -238,7 +244,7 @@ class MatchStage(Stage):
         for i, tid in enumerate(msg.track_ids.tolist()):
             key = (cam, msg.epoch, tid)
             extra = {"bbox": msg.boxes[i].tolist(), "pts": msg.pts, "wall_ts": msg.wall_ts,
-                     "crop": None if crops is None else np.array(crops[i])}
+                     "crop": None if crops is None else np.array(crops[i]), "stamps": msg.stamps}
             decision = self.matcher.observe(key, msg.embeddings[i], extra)
             if decision is not None:
                 out.append(self._decision(cam, tid, decision, self.matcher.state(key)))

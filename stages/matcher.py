@@ -8,8 +8,12 @@ embeddings (ties with "unknown" go to unknown, ties between people to the higher
 similarity). Votes are recomputed against the *current* gallery each time, so a person enrolled
 while the daemon runs is recognised at the next re-check of an open track.
 
-One decision per track: it is made once `votes_needed` embeddings arrived (or when the track
-ends with fewer), and a new one only when a later embedding changes the outcome.
+Decisions per track: the first once `first_votes` embeddings arrived (1 by default: the track's
+first good crop, so a name comes while the person is still in view), or when the track ends
+with fewer; that early decision stands until `votes_needed` embeddings are in, and from then on
+a new decision is made only when the vote over the window changes the outcome (an update, with
+`revision` counting the changes). With first_votes == votes_needed the first decision is the
+full vote, as before issue 14.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ class TrackState:
     decision: Decision | None = None
     seen: int = 0                      # embeddings received in total
     last: dict = field(default_factory=dict)
+    revision: int = -1                 # decisions made so far - 1 (0: the first one)
+    first_pts: float | None = None     # extra["pts"] of the first embedding, when given
 
     def extra_for(self, decision: Decision) -> dict:
         """The payload stored with a just-made decision's best embedding (bbox, crop...)."""
@@ -48,12 +54,18 @@ class TrackState:
 
 
 class Matcher:
-    def __init__(self, threshold: float, votes_needed: int = 3, window: int = 7):
+    def __init__(self, threshold: float, votes_needed: int = 3, window: int = 7,
+                 first_votes: int | None = None):
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
         if votes_needed < 1 or window < votes_needed:
             raise ValueError(f"need 1 <= votes_needed <= window, got {votes_needed}, {window}")
+        first_votes = votes_needed if first_votes is None else first_votes
+        if not 1 <= first_votes <= votes_needed:
+            raise ValueError(f"need 1 <= first_votes <= votes_needed, got {first_votes}, "
+                             f"{votes_needed}")
         self.threshold, self.votes_needed, self.window = threshold, votes_needed, window
+        self.first_votes = first_votes
         self.person_ids = np.zeros(0, np.int64)
         self.names: list[str] = []
         self.gallery = np.zeros((0, 0), np.float32)
@@ -117,7 +129,12 @@ class Matcher:
         st.extras.append(extra or {})
         st.seen += 1
         st.last = extra or {}
-        if st.decision is None and len(st.embeddings) < self.votes_needed:
+        if st.first_pts is None:
+            st.first_pts = st.last.get("pts")
+        if st.decision is None:
+            if len(st.embeddings) < min(self.first_votes, self.votes_needed):
+                return None
+        elif st.seen < self.votes_needed:   # the early decision stands until the full vote
             return None
         return self._decide(st)
 
@@ -127,6 +144,7 @@ class Matcher:
         if st.decision is not None and st.decision.person_id == decision.person_id:
             return None
         st.decision = decision
+        st.revision += 1
         return decision
 
     def state(self, key: tuple) -> TrackState | None:
@@ -141,6 +159,7 @@ class Matcher:
         late = None
         if st.decision is None and st.embeddings:
             late = st.decision = self.vote(np.stack(st.embeddings))
+            st.revision += 1
         return late, st
 
     def forget(self, key: tuple) -> None:

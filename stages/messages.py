@@ -18,6 +18,10 @@ whatever stages crash and restart meanwhile (stages.run_state keeps the counters
 - `track_id` names one track: a (camera, track_id) pair is never reused within the run, also
   after detect restarts or a camera's stream ends and starts again.
 - `event_id` is a random UUID, unique across runs.
+
+Timing: FaceCrops, FaceEmbeddings and TrackDecision carry `stamps`, the wall-clock times
+(time.time()) at which the frame behind them passed each step (STAMP_ORDER), so a decision
+says where its latency went; publish turns them into the event's optional `timing_ms`.
 """
 from __future__ import annotations
 
@@ -31,6 +35,26 @@ import numpy as np
 SCHEMA_VERSION = 1   # internal stage-to-stage messages; bump on any incompatible change
 EVENT_SCHEMA = "facewatch.event/1"
 EVENT_TYPES = ("recognized", "unknown", "track_ended")
+
+# Wall-clock stamps a frame collects on its way (the `stamps` field), in pipeline order. The
+# capture time is the message's own wall_ts; publish adds the event's ts.
+STAMP_ORDER = ("detect_recv",    # detect took the frame off its socket (queued before: capture
+                                 # queue + ZeroMQ)
+               "detect_start",   # its detector batch started (batch wait before)
+               "detect_done",    # detector, tracker, landmarks and crops done
+               "embed_recv",     # embed received the crops
+               "embed_start",    # their embedder batch started (batch wait before)
+               "embed_done",
+               "match_done")     # the vote was counted and the decision made
+
+
+def _check_stamps(kind: str, stamps) -> dict:
+    if not isinstance(stamps, dict) or any(k not in STAMP_ORDER or not isinstance(v, (int, float))
+                                           for k, v in stamps.items()):
+        raise MessageError(f"{kind}.stamps must map names of {STAMP_ORDER} to times, got "
+                           f"{stamps!r}")
+    return stamps
+
 
 # Only plain numeric dtypes may cross a boundary (no object arrays, no structured dtypes).
 _DTYPES = {"uint8", "int32", "int64", "float32", "float64"}
@@ -106,9 +130,11 @@ class FaceCrops(Message):
     blur: np.ndarray          # (N,) float32 Laplacian variance of the crop (sharpness)
     crops: np.ndarray         # (N, S, S, 3) uint8 BGR, from stages.face_crop.crop_faces
     ended_tracks: np.ndarray  # (K,) int64
+    stamps: dict = field(default_factory=dict)   # STAMP_ORDER name -> time.time()
 
     def __post_init__(self) -> None:
         n = len(self.track_ids)
+        _check_stamps(self.KIND, self.stamps)
         _check_array(self.KIND, "track_ids", self.track_ids, "int64", (n,))
         _check_array(self.KIND, "boxes", self.boxes, "float32", (n, 4))
         _check_array(self.KIND, "scores", self.scores, "float32", (n,))
@@ -134,9 +160,11 @@ class FaceEmbeddings(Message):
     embeddings: np.ndarray    # (N, D) float32 unit vectors
     crops: np.ndarray         # (N or 0, S, S, 3) uint8
     ended_tracks: np.ndarray  # (K,) int64
+    stamps: dict = field(default_factory=dict)   # as in FaceCrops, and embed's own
 
     def __post_init__(self) -> None:
         n = len(self.track_ids)
+        _check_stamps(self.KIND, self.stamps)
         _check_array(self.KIND, "track_ids", self.track_ids, "int64", (n,))
         _check_array(self.KIND, "boxes", self.boxes, "float32", (n, 4))
         _check_array(self.KIND, "embeddings", self.embeddings, "float32", (n, None))
@@ -166,8 +194,12 @@ class TrackDecision(Message):
     capture_ts: float          # wall clock when the deciding frame was captured
     snapshot: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 3), np.uint8))
     # (1, S, S, 3) uint8 crop of the best-matching face, or empty when snapshots are off
+    revision: int = 0          # 0: the track's first decision; +1 per later change
+    first_pts: float | None = None   # media time of the track's first embedded (good) crop
+    stamps: dict = field(default_factory=dict)   # of the deciding frame (STAMP_ORDER)
 
     def __post_init__(self) -> None:
+        _check_stamps(self.KIND, self.stamps)
         if self.type not in EVENT_TYPES:
             raise MessageError(f"{self.KIND}.type must be one of {EVENT_TYPES}, got {self.type!r}")
         if len(self.bbox) != 4:
@@ -270,7 +302,28 @@ EVENT_FIELDS = ("schema", "type", "seq", "event_id", "camera", "track_id", "name
                 "similarity", "threshold", "votes", "bbox", "frame_pts", "ts", "capture_ts",
                 "latency_ms")
 # Also sent, optional for parse_event (older facewatch.event/1 producers lack them): "run_id"
-# (hex, see the module docstring), "snapshot_jpeg" (base64, publish.snapshots).
+# (hex, see the module docstring), "snapshot_jpeg" (base64, publish.snapshots), "revision"
+# (0: a track's first decision, then +1 per changed decision), "first_pts" (media time of the
+# track's first embedded crop), "timing_ms" (timing_ms below).
+
+
+# timing_ms keys: the step between two stamps (capture: the frame's wall_ts; publish: the ts)
+TIMING_STEPS = (("queued", "capture", "detect_recv"),
+                ("detect_batch_wait", "detect_recv", "detect_start"),
+                ("detect", "detect_start", "detect_done"),
+                ("to_embed", "detect_done", "embed_recv"),
+                ("embed_batch_wait", "embed_recv", "embed_start"),
+                ("embed", "embed_start", "embed_done"),
+                ("match", "embed_done", "match_done"),
+                ("publish", "match_done", "publish"))
+
+
+def timing_ms(capture_ts: float, stamps: dict, published: float) -> dict:
+    """The event's `timing_ms`: where the deciding frame's latency went, step by step (the
+    steps sum to latency_ms); steps whose stamps are missing are left out."""
+    at = {"capture": capture_ts, **stamps, "publish": published}
+    return {name: round((at[b] - at[a]) * 1000, 1) for name, a, b in TIMING_STEPS
+            if a in at and b in at}
 
 
 def event_json(event: dict) -> bytes:

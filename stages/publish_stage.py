@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
-from stages.messages import EVENT_SCHEMA, Message, TrackDecision, event_json
+from stages.messages import EVENT_SCHEMA, Message, TrackDecision, event_json, timing_ms
 from stages.run_state import RunCounters
 from stages.stage import Stage
 from stages.errors import SetupError
@@ -236,7 +236,12 @@ class PublishStage(Stage):
             "threshold": msg.threshold, "votes": msg.votes, "bbox": msg.bbox,
             "frame_pts": round(msg.frame_pts, 4), "ts": now, "capture_ts": msg.capture_ts,
             "latency_ms": round((now - msg.capture_ts) * 1000, 1),
+            "revision": msg.revision,
         }
+        if msg.first_pts is not None:
+            event["first_pts"] = round(msg.first_pts, 4)
+        if msg.stamps:
+            event["timing_ms"] = timing_ms(msg.capture_ts, msg.stamps, now)
         if self.pcfg.snapshots and len(msg.snapshot):
             import cv2   # only with snapshots: OpenCV is ~17 MB of RSS this stage otherwise skips
 

@@ -94,6 +94,7 @@ class Stage:
         self.log = logging.getLogger(f"facewatch.{ctx.name}")
         self.cameras = {c.name for c in ctx.config.cameras}
         self.ended = set(ctx.ended_cameras) & self.cameras
+        self.receiver: Receiver | None = None   # the input socket, once run() opened it
 
     # --- what a stage implements --------------------------------------------------------
     def setup(self) -> None:
@@ -174,6 +175,7 @@ class Stage:
     def run(self) -> int:
         """Receive, process, send until every camera ended or SIGTERM; returns the exit code."""
         receiver, sender = self.open_sockets()
+        self.receiver = receiver
         self.setup()
         try:
             self.control("ready")
@@ -242,12 +244,14 @@ class BatchingStage(Stage):
     def run_batch(self, items: list) -> list[Message]:
         raise NotImplementedError
 
-    def enqueue(self, item, units: int = 1) -> list[Message]:
+    def enqueue(self, item, units: int = 1, urgent: bool = False) -> list[Message]:
+        """Add an item; the batch runs now when full, or when `urgent` (nothing is gained by
+        waiting, or a first decision waits for it)."""
         self.pending.append(item)
         self.pending_units += units
         if self.deadline is None:
             self.deadline = time.monotonic() + self.batch_wait_s
-        return self.flush() if self.pending_units >= self.batch_max else []
+        return self.flush() if urgent or self.pending_units >= self.batch_max else []
 
     def next_deadline(self) -> float | None:
         return self.deadline

@@ -208,6 +208,10 @@ class Receiver:
         self.last_gap = 0   # how many were missing just before the last message returned
         self.invalid = 0    # messages that failed to decode
 
+    def waiting(self) -> bool:
+        """A message is ready to be received now."""
+        return bool(self.socket.poll(0, zmq.POLLIN))
+
     def recv(self, timeout_s: float) -> Message | None:
         """The next valid message, or None if none arrived within timeout_s."""
         if not self.socket.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):

@@ -65,6 +65,10 @@ def crops_message(n=2, k=1, size=8) -> FaceCrops:
     TrackDecision(camera="c", type="recognized", track_id=4, name="obama", person_id=2,
                   similarity=0.71, threshold=0.5, votes=3, bbox=[1.0, 2.0, 3.0, 4.0],
                   frame_pts=1.2, capture_ts=5.0, snapshot=np.ones((1, 8, 8, 3), np.uint8)),
+    TrackDecision(camera="c", type="unknown", track_id=5, name=None, person_id=None,
+                  similarity=0.3, threshold=0.5, votes=1, bbox=[1.0, 2.0, 3.0, 4.0],
+                  frame_pts=1.2, capture_ts=5.0, revision=2, first_pts=1.1,
+                  stamps={"detect_recv": 5.01, "embed_done": 5.2, "match_done": 5.21}),
     EndOfStream(camera="c", reason="shutdown"),
 ], ids=lambda m: m.KIND)
 def test_message_round_trip(msg):
@@ -198,6 +202,28 @@ def test_matcher_majority_unknown_and_changes(matcher):
     assert changes[0].name is None and changes[0].similarity < 0.8
     late = [matcher.observe(key, unit([1, 0, 0, 0])) for _ in range(5)]
     assert [d.name for d in late if d] == ["alice"]
+
+
+def test_matcher_early_decision_then_an_update_from_the_full_vote():
+    """first_votes=1: the first good crop decides at once; the decision stands until the full
+    vote (votes_needed) is in, and changes only when that vote disagrees (issue 14)."""
+    m = Matcher(threshold=0.8, votes_needed=3, window=5, first_votes=1)
+    m.set_gallery(np.array([1, 2], np.int64), ["alice", "bob"], unit([[1, 0, 0, 0], [0, 1, 0, 0]]))
+    key = ("cam", 1, 1)
+    early = m.observe(key, unit([0, 0, 0, 1]), {"pts": 0.4})      # a poor first crop: unknown
+    assert early is not None and early.person_id is None and early.votes == 1
+    assert m.state(key).revision == 0 and m.state(key).first_pts == 0.4
+    assert m.observe(key, unit([1, 0.05, 0, 0]), {"pts": 0.5}) is None  # stands until 3 votes
+    update = m.observe(key, unit([1, 0.1, 0, 0]), {"pts": 0.6})
+    assert (update.name, update.votes, m.state(key).revision) == ("alice", 3, 1)
+    assert m.observe(key, unit([1, 0, 0, 0])) is None                   # same outcome: quiet
+    # the early decision agrees with the full vote: one event only
+    key2 = ("cam", 1, 2)
+    assert m.observe(key2, unit([0, 1, 0, 0])).name == "bob"
+    assert [m.observe(key2, unit([0, 1, 0.1, 0])) for _ in range(4)] == [None] * 4
+    assert m.state(key2).revision == 0
+    with pytest.raises(ValueError, match="first_votes"):
+        Matcher(0.5, votes_needed=3, window=5, first_votes=4)
 
 
 def test_matcher_ties_go_to_unknown_and_end_decides_late(matcher):
@@ -487,6 +513,17 @@ def test_recognizes_enrolled_people_end_to_end(models, knn_dir, face_video, shor
     ended = {e["track_id"] for e in logged if e["type"] == "track_ended"}
     assert ended == set(per_track), "every decided track ends with a track_ended event"
     assert all(e["latency_ms"] >= 0 for e in logged)
+    # issue 14: a track's first decision comes from its first good crop (embed.first_votes 1),
+    # later ones are numbered updates; every decision says where its latency went
+    for tid in per_track:
+        decisions = [e for e in logged if e["track_id"] == tid and e["type"] != "track_ended"]
+        assert [e["revision"] for e in decisions] == list(range(len(decisions)))
+        assert decisions[0]["votes"] == 1 and decisions[0]["first_pts"] == decisions[0]["frame_pts"]
+        for e in decisions:
+            steps = e["timing_ms"]
+            assert list(steps) == ["queued", "detect_batch_wait", "detect", "to_embed",
+                                   "embed_batch_wait", "embed", "match", "publish"], steps
+            assert min(steps.values()) >= 0 and abs(sum(steps.values()) - e["latency_ms"]) < 1.5
 
 
 @pytest.mark.slow
