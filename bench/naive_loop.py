@@ -29,7 +29,7 @@ class NaiveLoop:
     def __init__(self, cfg, gallery: np.ndarray | None = None):
         from stages.embed_stage import read_embedder_info
         from stages.face_detector import detector_from_config
-        from stages.face_embedder import FaceEmbedder
+        from stages.face_embedder import embedder_from_config
         from stages.face_landmarks import landmark_model_from_config
         from stages.tracking import tracker_args
 
@@ -39,7 +39,7 @@ class NaiveLoop:
         self.crop_spec = info.crop_spec(d.crop_size, d.crop_scale)
         self.detector = detector_from_config(m)
         self.landmark_model = landmark_model_from_config(m, self.crop_spec.alignment)
-        self.embedder = FaceEmbedder(m.embedder, m.providers, m.threads)
+        self.embedder = embedder_from_config(m)   # the same precision as the daemon
         self._tracker_args = tracker_args(d.tracker, d)
         self.gallery = (gallery if gallery is not None else
                         np.zeros((0, self.embedder.embedding_size), np.float32))

@@ -163,6 +163,14 @@ class ModelsConfig(Section):
     detector_conf: float = Field(0.25, gt=0, lt=1)
     detector_iou: float = Field(0.5, gt=0, lt=1)
     detector_imgsz: int | None = Field(None, ge=32, le=4096, description="null: from the model")
+    # fp32 or int8 per execution provider (stages.precision): with int8 a stage loads the model's
+    # int8 copy (`facewatch quantize-model`): <kind>_int8 when set, else <model>.int8.onnx beside
+    # the model when present and quantised from it, else the float file (logged)
+    precision: dict[str, Literal["fp32", "int8"]] = Field(
+        default_factory=lambda: {"CPUExecutionProvider": "int8", "CUDAExecutionProvider": "fp32"})
+    detector_int8: Path | None = None
+    landmarks_int8: Path | None = None
+    embedder_int8: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -177,10 +185,25 @@ class ModelsConfig(Section):
                     data[key] = str(model_files.shipped_model(name))
         return data
 
-    @field_validator("detector", "embedder", "landmarks")
+    @field_validator("detector", "embedder", "landmarks", "detector_int8", "landmarks_int8",
+                     "embedder_int8")
     @classmethod
     def _relative_to_config(cls, v, info: ValidationInfo):
-        return _resolve(v, info)
+        return None if v is None else _resolve(v, info)
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, precision: dict[str, str]) -> dict[str, str]:
+        from stages.precision import INT8_PROVIDERS
+
+        bad = [p for p in precision if not p.endswith("ExecutionProvider")]
+        if bad:
+            raise ValueError(f"not onnxruntime execution provider names: {bad}")
+        gpu_int8 = [p for p, v in precision.items() if v == "int8" and p not in INT8_PROVIDERS]
+        if gpu_int8:
+            raise ValueError(f"int8 is for {list(INT8_PROVIDERS)} only (the int8 files are CPU "
+                             f"graphs); {gpu_int8} keep fp32")
+        return precision
 
     @field_validator("providers")
     @classmethod

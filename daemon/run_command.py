@@ -58,6 +58,13 @@ def required_files(cfg: FacewatchConfig) -> list[tuple[str, Path, str]]:
         out.append(("models.landmarks", m.landmarks,
                     "the five-point landmark ONNX model (`facewatch export-landmarks`), which "
                     "this embedder's crops need; null in the config: none (box fallback)"))
+    for key, path, what in list(out):   # int8 copies the config names (models.precision)
+        kind = key.partition(".")[2]
+        explicit = getattr(m, f"{kind}_int8", None) if key.startswith("models.") else None
+        if explicit is not None:   # named: must be there, whatever provider this host has
+            out.append((f"models.{kind}_int8", explicit,
+                        f"the int8 copy of {Path(path).name} (`facewatch quantize-model --kind "
+                        f"{kind}`), run at models.precision int8"))
     if "publish" in local and cfg.publish.curve_secret_key_file is not None:
         out.append(("publish.curve_secret_key_file", cfg.publish.curve_secret_key_file,
                     "the event socket's CURVE secret key (`facewatch keys`)"))
@@ -98,12 +105,23 @@ def preflight_errors(cfg: FacewatchConfig, load_models: bool = False) -> list[st
     loaders = {"models.detector": lambda p: FaceDetector(p, cpu),
                "models.embedder": lambda p: FaceEmbedder(p, cpu),
                "models.landmarks": lambda p: LandmarkModel(p, cpu)}
+    loaders.update({f"{k}_int8": f for k, f in list(loaders.items())})
     for key, path, _ in required_files(cfg):
         if key in loaders:
             try:
                 loaders[key](path)
             except SetupError as exc:
                 errors.append(f"{key}: {exc}")
+    if not errors:   # the file each stage will load at its precision (a stale int8 copy, ...)
+        from stages.precision import choose
+
+        for key, _, _ in required_files(cfg):
+            kind = key.partition(".")[2]
+            if key.startswith("models.") and kind in ("detector", "landmarks", "embedder"):
+                try:
+                    choose(cfg.models, kind)
+                except SetupError as exc:
+                    errors.append(str(exc))
     return errors
 
 

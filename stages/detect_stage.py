@@ -51,6 +51,7 @@ class DetectStage(BatchingStage):
         self.counters = RunCounters(self.cfg.runtime.dir)
         from stages.face_detector import detector_from_config
         from stages.face_landmarks import landmark_model_from_config
+        from stages.precision import record
         from stages.tracking import tracker_args
 
         m = self.cfg.models
@@ -59,12 +60,17 @@ class DetectStage(BatchingStage):
         self.detector = detector_from_config(m)
         self.landmark_model = landmark_model_from_config(m, self.crop_spec.alignment)
         self.metrics.execution_provider.labels("detect", self.detector.provider).set(1)
+        record(self.metrics, "detect", self.detector.choice)
+        if self.landmark_model is not None:
+            record(self.metrics, "detect", self.landmark_model.choice)
         self._tracker_args = tracker_args(self.dcfg.tracker, self.dcfg)
         landmark_model = self.landmark_model
-        self.log.info("detector %s on %s (%d px), %s tracking, crops %d px, %s alignment%s",
-                      m.detector, self.detector.provider, self.detector.imgsz,
+        self.log.info("detector %s on %s at %s (%d px), %s tracking, crops %d px, %s alignment%s",
+                      self.detector.choice.path, self.detector.provider,
+                      self.detector.choice.precision, self.detector.imgsz,
                       self.dcfg.tracker, self.crop_spec.size, self.crop_spec.alignment,
-                      f" on landmarks from {landmark_model.path}" if landmark_model else "")
+                      f" on landmarks from {landmark_model.path} at "
+                      f"{landmark_model.choice.precision}" if landmark_model else "")
 
     def on_lost(self, msg: Message, count: int) -> None:
         self.metrics.frames_dropped.labels(msg.camera, "lost").inc(count)

@@ -38,12 +38,15 @@ class EmbedStage(BatchingStage):
         self.first_crops = False   # the last chosen faces include a track's first-decision crop
 
     def setup(self) -> None:
-        from stages.face_embedder import FaceEmbedder
+        from stages.face_embedder import embedder_from_config
+        from stages.precision import record
 
         m = self.cfg.models
-        self.embedder = FaceEmbedder(m.embedder, m.providers, m.threads)
+        self.embedder = embedder_from_config(m)
         self.metrics.execution_provider.labels("embed", self.embedder.provider).set(1)
-        self.log.info("embedder %s on %s (input %d px, %d-d)", m.embedder, self.embedder.provider,
+        record(self.metrics, "embed", self.embedder.choice)
+        self.log.info("embedder %s on %s at %s (input %d px, %d-d)", self.embedder.choice.path,
+                      self.embedder.provider, self.embedder.choice.precision,
                       self.embedder.input_size, self.embedder.embedding_size)
 
     def choose(self, msg: FaceCrops) -> np.ndarray:

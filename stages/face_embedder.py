@@ -64,3 +64,14 @@ class FaceEmbedder:
             emb = emb + self._run(np.ascontiguousarray(batch[:, :, ::-1]))
         norm = np.linalg.norm(emb, axis=1, keepdims=True)
         return (emb / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def embedder_from_config(models) -> FaceEmbedder:
+    """The embedder as the daemon runs it from its `models` config section: the float file or
+    its int8 copy (models.precision, stages.precision), providers, threads."""
+    from stages.precision import choose
+
+    choice = choose(models, "embedder")
+    embedder = FaceEmbedder(choice.path, models.providers, models.threads)
+    embedder.choice = choice
+    return embedder

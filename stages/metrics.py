@@ -85,6 +85,9 @@ class Metrics:
         self.execution_provider = g("facewatch_execution_provider", "1 for the onnxruntime "
                                     "execution provider a stage runs its model on",
                                     ["stage", "provider"], multiprocess_mode="livemax", **kw)
+        self.model_precision = g("facewatch_model_precision", "1 for the precision (fp32, int8) "
+                                 "each model of a stage runs at (models.precision)",
+                                 ["stage", "model", "precision"], multiprocess_mode="livemax", **kw)
 
 
 def multiproc_dir_ready() -> bool:

@@ -1,0 +1,103 @@
+"""fp32 or int8 per execution provider (models.precision, stages/precision.py; issue 14), with the
+real model files: which file a stage loads, what validate-config refuses, and what the running
+daemon's /metrics and log say."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import MODELS_DIR, REPO, wait_for, write_config
+from daemon.config import ConfigError, parse_config
+from stages.errors import SetupError
+from stages.precision import choose, int8_sibling
+from test_pipeline import metric, scrape
+
+LANDMARKS = MODELS_DIR / "face_landmarks.onnx"
+EMBEDDER = MODELS_DIR / "face_embedder.onnx"
+needs_int8 = pytest.mark.skipif(not (int8_sibling(LANDMARKS).is_file()
+                                     and int8_sibling(EMBEDDER).is_file()),
+                                reason="the committed int8 copies are not present")
+
+
+def models_section(folder, **extra) -> object:
+    cfg = parse_config({"cameras": [{"name": "c", "uri": "/dev/null"}],
+                        "models": {"detector": str(folder / "face_detector.onnx"),
+                                   "embedder": str(folder / "face_embedder.onnx"),
+                                   "landmarks": str(folder / "face_landmarks.onnx"),
+                                   "providers": ["CPUExecutionProvider"], **extra}}, folder, "test")
+    return cfg.models
+
+
+@needs_int8
+def test_the_file_each_model_runs_follows_precision_and_what_is_there(tmp_path):
+    for name in ("face_detector.onnx", "face_landmarks.onnx", "face_landmarks.int8.onnx",
+                 "face_embedder.onnx"):
+        (tmp_path / name).symlink_to(MODELS_DIR / name)
+    # the embedder's int8 "copy" here was made from another file: stale, never used
+    (tmp_path / "face_embedder.int8.onnx").symlink_to(MODELS_DIR / "face_landmarks.int8.onnx")
+
+    m = models_section(tmp_path)   # default: CPU int8
+    lm, det, emb = choose(m, "landmarks"), choose(m, "detector"), choose(m, "embedder")
+    assert (lm.path.name, lm.precision, lm.provider) == ("face_landmarks.int8.onnx", "int8",
+                                                         "CPUExecutionProvider")
+    assert (det.path.name, det.precision) == ("face_detector.onnx", "fp32")
+    assert "face_detector.int8.onnx not found" in det.why
+    assert (emb.path.name, emb.precision) == ("face_embedder.onnx", "fp32") and "stale" in emb.why
+
+    fp32 = models_section(tmp_path, precision={"CPUExecutionProvider": "fp32"})
+    assert choose(fp32, "landmarks").path.name == "face_landmarks.onnx"
+
+    named = models_section(tmp_path, embedder_int8=str(MODELS_DIR / "face_embedder.int8.onnx"))
+    assert (choose(named, "embedder").precision, choose(named, "embedder").path) == \
+        ("int8", MODELS_DIR / "face_embedder.int8.onnx")
+    wrong = models_section(tmp_path, embedder_int8=str(tmp_path / "face_embedder.int8.onnx"))
+    with pytest.raises(SetupError, match="models.embedder_int8: .*quantised from another file"):
+        choose(wrong, "embedder")
+
+
+def test_int8_is_refused_for_gpu_providers():
+    with pytest.raises(ConfigError, match="int8 is for .*CPUExecutionProvider.* only"):
+        models_section(MODELS_DIR, precision={"CUDAExecutionProvider": "int8"})
+
+
+def test_validate_config_names_a_missing_int8_file(tmp_path):
+    missing = tmp_path / "nowhere" / "face_embedder.int8.onnx"
+    config = write_config(tmp_path / "config.yaml", [{"name": "c", "uri": "/dev/video0"}],
+                          models={"embedder_int8": str(missing)})
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "validate-config", str(config)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 78, out
+    assert "models.embedder_int8" in out and str(missing) in out and "quantize-model" in out
+
+
+@needs_int8
+def test_the_daemon_says_which_precision_each_model_runs_at(short_video, short_dir, daemons):
+    config = write_config(short_dir / "config.yaml",
+                          [{"name": "lobby", "uri": str(short_video.path), "loop": True}],
+                          runtime={"dir": str(short_dir / "run")})
+    port = yaml.safe_load(config.read_text())["metrics"]["port"]
+    daemon = daemons(config, short_dir / "run")
+    daemon.wait_ready(120)
+    want = {("detect", "detector", "fp32" if not int8_sibling(MODELS_DIR / "face_detector.onnx")
+             .is_file() else "int8"), ("detect", "landmarks", "int8"), ("embed", "embedder", "int8")}
+    samples = wait_for(lambda: (s := scrape(port)) and all(
+        metric(s, "facewatch_model_precision", stage=st, model=k, precision=p) == 1
+        for st, k, p in want) and s, 30, "facewatch_model_precision for every model")
+    assert metric(samples, "facewatch_model_precision", stage="embed", model="embedder",
+                  precision="fp32") == 0
+    text = daemon.log_text()
+    assert "embedder face_embedder.int8.onnx at int8 on CPUExecutionProvider" in text
+    assert "landmarks face_landmarks.int8.onnx at int8" in text
+    assert daemon.stop() == 0
+
+
+def test_a_copy_without_its_sibling_runs_fp32(tmp_path):
+    shutil.copy(LANDMARKS, tmp_path / "face_landmarks.onnx")
+    m = models_section(tmp_path)
+    choice = choose(m, "landmarks")
+    assert (choice.path, choice.precision) == (tmp_path / "face_landmarks.onnx", "fp32")
