@@ -589,9 +589,9 @@ def problems(cfg: FacewatchConfig) -> list[str]:
                 out.append(f"cameras[{i}].uri: environment variable {var} is not set here")
     if cfg.models.landmarks is None and cfg.models.embedder.is_file():
         from stages.embedder_info import read_embedder_info
-        from stages.face_crop import LANDMARK_LAYOUTS
 
-        if read_embedder_info(cfg.models.embedder).crop_alignment in LANDMARK_LAYOUTS:
+        # not stages.face_crop.LANDMARK_LAYOUTS: OpenCV would add ~17 MB to the supervisor
+        if read_embedder_info(cfg.models.embedder).crop_alignment != "box":
             out.append("models.landmarks is null but the embedder aligns faces on five landmarks: "
                        "faces get the box fallback crop (facewatch_alignment_fallbacks), at a "
                        "loss of accuracy; set it to models/face_landmarks.onnx")

@@ -74,10 +74,11 @@ def required_files(cfg: FacewatchConfig) -> list[tuple[str, Path, str]]:
 def _aligns_on_landmarks(embedder: Path) -> bool:
     from stages.embedder_info import read_embedder_info
     from stages.errors import SetupError
-    from stages.face_crop import LANDMARK_LAYOUTS
 
+    # every alignment but "box" is on landmarks (stages.face_crop.ALIGNMENTS); face_crop is not
+    # imported here: OpenCV would add ~17 MB to the supervisor, which runs these checks
     try:
-        return Path(embedder).is_file() and read_embedder_info(embedder).crop_alignment in LANDMARK_LAYOUTS
+        return Path(embedder).is_file() and read_embedder_info(embedder).crop_alignment != "box"
     except SetupError:   # an unusable embedder file: reported on its own
         return False
 

@@ -153,3 +153,23 @@ def test_gallery_and_enroll_use_the_configs_gallery_path_and_models(tmp_path, bi
                 cwd=tmp_path)
     assert r.returncode == errors.EXIT_SETUP and f"face embedder file not found: {missing}" in r.stderr
     assert not (folder / "people.db").exists()
+
+
+def test_the_supervisor_process_stays_light(tmp_path):
+    """`facewatch run` is the supervisor: its checks read the models' metadata without OpenCV,
+    onnxruntime, the onnx package or scipy (each tens of MB of RSS in a process that runs for
+    the daemon's whole life; issue 13, item 8)."""
+    config = write_config(tmp_path / "config.yaml", [{"name": "a", "uri": "a.mp4"}])
+    script = ("import sys\n"
+              "from daemon.config import load_config, problems\n"
+              "from daemon.run_command import check_required_files\n"
+              "import daemon.supervisor\n"
+              f"cfg = load_config({str(config)!r})\n"
+              "check_required_files(cfg)\n"
+              "problems(cfg)\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'cv2', 'onnxruntime', "
+              "'onnx', 'scipy', 'torch', 'tensorflow', 'supervision'}))\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
