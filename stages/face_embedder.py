@@ -12,11 +12,22 @@ from stages.gallery import file_model_id
 from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 
+def _quantized(model_path) -> bool:
+    from stages.embedder_info import read_onnx_metadata
+
+    try:
+        return "quantization" in read_onnx_metadata(model_path)
+    except (OSError, ValueError):   # load_session says what is wrong with the file
+        return False
+
+
 class FaceEmbedder:
     def __init__(self, model_path, providers=DEFAULT_PROVIDERS, threads: int = 0,
                  flip_average: bool | None = None):
+        # onnxruntime's CPU arena: ~20% faster batches for the fp32 embedder; for an int8 copy no
+        # faster, and it keeps ~80 MB more after a large batch (measured, 2 CPU cores)
         self.session = load_session(model_path, providers, threads, what="face embedder",
-                                    cpu_arena=True)
+                                    cpu_arena=not _quantized(model_path))
         self.meta = metadata(self.session)
         # Gallery rows remember which model made them: embeddings of two models don't compare.
         # An int8 copy (`facewatch quantize-model`) names its parent's embedding space instead.
