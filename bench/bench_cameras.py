@@ -9,6 +9,12 @@ false`, every frame as fast as the pipeline takes them), total and per-camera fr
 processes each reading the clip with cv2 (what N capture processes could deliver at most on
 this machine). The measurements alternate in rounds (the order reversed every other round);
 medians are reported.
+
+`--realtime`: the N cameras are live instead (`realtime: true`: each file played at its 25 fps
+like a camera, frames dropped when the pipeline is behind), the question of issue 14 item 3:
+is H.264 1080p decoding a ceiling with 4+ cameras? Reported per N: frames decoded per second
+in total (25 x N when decoding keeps up), the CPU cores the capture processes (decoding) and
+detect use, processed frames/s and the drops by reason.
 """
 from __future__ import annotations
 
@@ -64,8 +70,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(p, seconds=20, warmup=8, rounds=2)
     p.add_argument("--cameras", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--realtime", action="store_true",
+                   help="live cameras (each played at 25 fps, dropping when behind)")
     args = apply_quick(p.parse_args(), seconds=5, warmup=3)
-    if args.quick:
+    if args.quick and not args.realtime:
         args.cameras = [n for n in args.cameras if n <= 2] or [1]
     detector, embedder = model_paths(args.models)
     video = clip_path(args.video)
@@ -87,7 +95,7 @@ def main() -> None:
                     samples[(who, n)].append(decode_only(video, n, args.seconds))
                 else:
                     cams = [{"name": f"cam{i}", "uri": str(video), "loop": True,
-                             "realtime": False} for i in range(n)]
+                             "realtime": args.realtime} for i in range(n)]
                     samples[(who, n)].append(run_daemon_window(
                         cams, args, detector, embedder, gallery_db, args.warmup, args.seconds))
     finally:
@@ -113,11 +121,18 @@ def main() -> None:
             **latency_fields(d),
             "detect_batch_mean": rnd(median([s["detect_batch_mean"] for s in d]), 2),
             "frames_dropped": int(sum(s["frames_dropped"] for s in d)),
+            "frames_dropped_by_reason": {r: int(sum(s["frames_dropped_by_reason"][r] for s in d))
+                                         for r in d[0]["frames_dropped_by_reason"]},
+            "decoded_fps_total": rnd(median([s["frames_captured"] / s["seconds"] for s in d]), 2),
+            "capture_cores_total": rnd(median([sum(v for k, v in s["cpu_cores_used"].items()
+                                                   if k.startswith("capture")) for s in d]), 3),
+            "detect_cores": rnd(median([s["cpu_cores_used"].get("detect") for s in d]), 3),
             "rss_mb_total": rnd(median([s["rss_mb_total"] for s in d]), 1),
             "runs": d,
             "decode_runs": dec,
         })
     emit({"benchmark": "cameras", "video": str(video), "models": str(args.models),
+          "cameras_realtime": args.realtime,
           "threads": args.threads, "providers": args.providers, "config_overrides": args.set,
           "gallery_size": args.gallery_size, "seconds": args.seconds, "warmup": args.warmup,
           "rounds": args.rounds,
