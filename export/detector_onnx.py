@@ -19,7 +19,8 @@ from training.ultralytics_env import configure_offline
 
 log = logging.getLogger("facewatch.export")
 TRAINING_DATA = ("WIDER FACE validation images (1,450, shared copy), split by event class: "
-                 "training/splits/widerface_split.json")
+                 "training/splits/widerface_split.json; plus, where `training_sources` says so, "
+                 "images labelled by the CenterFace teacher (`facewatch label-faces`)")
 LANDMARK_SOURCE = ("pseudo-labels from dlib's shape_predictor_5_face_landmarks inside each WIDER box "
                    "(faces >= 16 px tall with plausible points): training/widerface_landmarks.py")
 
@@ -53,6 +54,24 @@ def export_onnx(weights: Path, out: Path, imgsz: int, opset: int) -> Path:
     return out
 
 
+def training_sources(weights: Path) -> dict | None:
+    """Images per source and the starting weights, from the run folder the checkpoint lives in
+    (`runs/detector/<run>/weights/*.pt` beside `dataset/report.json`), when it is there."""
+    report = weights.resolve().parent.parent / "dataset" / "report.json"
+    if not report.is_file():
+        return None
+    data = json.loads(report.read_text())
+    sources = {"wider_train_images": data.get("train", {}).get("images"),
+               "teacher_labelled_images": data.get("pseudo", {})}
+    args = weights.resolve().parent.parent / "args.yaml"
+    if args.is_file():
+        import yaml
+
+        pretrained = (yaml.safe_load(args.read_text()) or {}).get("pretrained")
+        sources["init"] = Path(str(pretrained)).name if pretrained else "random"
+    return sources
+
+
 def run(args: argparse.Namespace) -> int:
     from export.onnx_metadata import set_metadata
     from stages.face_detector import FaceDetector
@@ -60,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     out = export_onnx(args.weights, args.out, args.imgsz, args.opset)
     meta = {"facewatch_detector": "1", "training_data": TRAINING_DATA,
             "checkpoint_sha256": hashlib.sha256(args.weights.read_bytes()).hexdigest()[:16]}
+    sources = training_sources(args.weights)
+    if sources:
+        meta["training_sources"] = sources
     detector = FaceDetector(out, providers=["CPUExecutionProvider"])
     if detector.has_landmarks:
         from training.dlib_teacher import FLIP_INDEX, LANDMARK_NAMES
