@@ -181,10 +181,11 @@ def detector_from_config(models) -> FaceDetector:
     """The detector as the daemon runs it from its `models` config section: thresholds, size,
     threads. No landmark model here: the detect stage runs it only on the faces it crops, after
     tracking and the size gate (`stages.face_landmarks.landmark_model_from_config`)."""
-    from stages.precision import choose
+    from stages.precision import choose, load
 
     choice = choose(models, "detector")   # fp32 or int8 (models.precision)
-    detector = FaceDetector(choice.path, models.providers, models.detector_conf,
-                            models.detector_iou, models.detector_imgsz, models.threads)
+    detector = load(choice, models.detector, lambda path: FaceDetector(
+        path, models.providers, models.detector_conf, models.detector_iou, models.detector_imgsz,
+        models.threads))
     detector.choice = choice
     return detector

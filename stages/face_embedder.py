@@ -80,9 +80,10 @@ class FaceEmbedder:
 def embedder_from_config(models) -> FaceEmbedder:
     """The embedder as the daemon runs it from its `models` config section: the float file or
     its int8 copy (models.precision, stages.precision), providers, threads."""
-    from stages.precision import choose
+    from stages.precision import choose, load
 
     choice = choose(models, "embedder")
-    embedder = FaceEmbedder(choice.path, models.providers, models.threads)
+    embedder = load(choice, models.embedder,
+                    lambda path: FaceEmbedder(path, models.providers, models.threads))
     embedder.choice = choice
     return embedder

@@ -86,10 +86,10 @@ def landmark_model_from_config(models, crop_alignment: str) -> LandmarkModel | N
     does not align on five points or none is configured."""
     if crop_alignment not in LANDMARK_LAYOUTS or models.landmarks is None:
         return None
-    from stages.precision import choose
+    from stages.precision import choose, load
 
     choice = choose(models, "landmarks")   # fp32 or int8 (models.precision)
-    model = LandmarkModel(choice.path, models.providers, models.threads,
-                          layout=LANDMARK_LAYOUTS[crop_alignment])
+    model = load(choice, models.landmarks, lambda path: LandmarkModel(
+        path, models.providers, models.threads, layout=LANDMARK_LAYOUTS[crop_alignment]))
     model.choice = choice
     return model

@@ -93,6 +93,21 @@ def choose(models, kind: str) -> ModelChoice:
     return ModelChoice(kind, candidate, "int8", provider, "models.precision: int8")
 
 
+def load(choice: ModelChoice, float_path, loader):
+    """`loader(path)` on the chosen file. When an int8 copy cannot be loaded, the float file is
+    tried: if it fails too, its own error is raised (it names the configured file: a wrong or
+    corrupt model), else the copy's (the copy is the problem)."""
+    from stages.errors import ModelError
+
+    try:
+        return loader(choice.path)
+    except ModelError:
+        if choice.precision == "fp32":
+            raise
+        loader(Path(float_path))
+        raise
+
+
 def record(metrics, stage: str, choice: ModelChoice) -> None:
     """The facewatch_model_precision gauge and one log line for a loaded model."""
     if metrics is not None:

@@ -101,3 +101,23 @@ def test_a_copy_without_its_sibling_runs_fp32(tmp_path):
     m = models_section(tmp_path)
     choice = choose(m, "landmarks")
     assert (choice.path, choice.precision) == (tmp_path / "face_landmarks.onnx", "fp32")
+
+
+def test_a_corrupt_int8_copy_is_named_and_a_wrong_model_still_names_the_configured_file(tmp_path):
+    from stages.errors import ModelError
+    from stages.face_landmarks import landmark_model_from_config
+
+    (tmp_path / "face_landmarks.onnx").symlink_to(LANDMARKS)
+    (tmp_path / "face_landmarks.int8.onnx").write_bytes(b"not an onnx file")
+    m = models_section(tmp_path)
+    with pytest.raises(ModelError, match="face_landmarks.int8.onnx"):
+        landmark_model_from_config(m, "five_point")
+    # the configured file is the wrong kind (an embedder) and has an int8 sibling: the error
+    # names the configured file, as without int8 copies
+    (tmp_path / "face_landmarks.onnx").unlink()
+    (tmp_path / "face_landmarks.int8.onnx").unlink()
+    (tmp_path / "face_landmarks.onnx").symlink_to(EMBEDDER)
+    (tmp_path / "face_landmarks.int8.onnx").symlink_to(int8_sibling(EMBEDDER))
+    with pytest.raises(ModelError) as exc:
+        landmark_model_from_config(models_section(tmp_path), "five_point")
+    assert str(tmp_path / "face_landmarks.onnx") in str(exc.value)
