@@ -504,7 +504,7 @@ def measure_window(daemon: Daemon, warmup: float, seconds: float, votes: int = 3
         "frames_dropped_by_reason": {
             r: int(metric_sum(b.samples, "facewatch_frames_dropped_total", reason=r)
                    - metric_sum(a.samples, "facewatch_frames_dropped_total", reason=r))
-            for r in ("queue_full", "lost", "stale")},
+            for r in ("queue_full", "lost", "stale", "behind")},
         "messages_lost": int(delta("facewatch_messages_lost_total")),
         "faces_detected_per_frame": rnd(delta("facewatch_faces_detected_total") / frames, 3)
         if frames else None,

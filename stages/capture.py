@@ -13,6 +13,12 @@
   blocked reader thread is abandoned (what it reads later is thrown away, never counted) and a
   new one reconnects after the backoff.
 - `realtime: false` (files only) never drops: the reader blocks until the pipeline takes frames.
+- Behind (live sources): a frame must still be decoded (H.264 frames depend on each other), but
+  while a frame waits unsent, converting (YUV to BGR), copying and sending newer ones is wasted
+  when they will be dropped anyway; then only about two frames per interval at which the
+  pipeline takes frames are converted, the others only decoded (`grab`) and counted in
+  frames_dropped{reason="behind"} (issue 14, item 3: with 8 live 1080p cameras on 2 cores the
+  captures used 1.6 cores, starving the detector).
 - Damaged files: a frame that does not decode is skipped (counted as dropped, reason
   "corrupt") and reading goes on; a file that is there but cannot be opened at all (not a
   video, or cut short before its index) and does not change between two attempts ends its
@@ -101,6 +107,9 @@ class DropOldestQueue:
             return True
 
 
+NOT_CONVERTED = np.zeros((0, 0, 3), np.uint8)   # VideoSource.read(convert=False): decoded only
+
+
 class VideoSource:
     """cv2.VideoCapture around one camera config: open with timeouts, read with timestamps."""
 
@@ -176,16 +185,23 @@ class VideoSource:
                 return ok, frame
         return False, None
 
-    def read(self) -> tuple[np.ndarray | None, float]:
-        """(frame, pts seconds), or (None, 0) at the end of the stream or on an error."""
+    def read(self, convert: bool = True) -> tuple[np.ndarray | None, float]:
+        """(frame, pts seconds), or (None, 0) at the end of the stream or on an error. With
+        `convert` False the frame is only decoded (grab) and NOT_CONVERTED comes back instead
+        of pixels (a failing grab falls back to a normal read, which knows errors and ends)."""
+        if not convert and self.cap is not None and self.cap.grab():
+            return NOT_CONVERTED, self._pts()
         ok, frame = self._read_one()
         if not ok or frame is None:
             return None, 0.0
+        return frame, self._pts()
+
+    def _pts(self) -> float:
         pts = self.loop_offset + self.cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
         if pts <= self.last_pts:   # some streams report no or repeated timestamps
             pts = self.last_pts + 1.0 / self.fps
         self.last_pts = pts
-        return frame, pts
+        return pts
 
     def rewind(self) -> bool:
         """Start a file again (loop: true); pts continues from where it was."""
@@ -218,6 +234,9 @@ class CaptureStage(Stage):
         self._generation = 0              # bumped when a stalled reader is abandoned
         self._read_started: tuple[int, float] | None = None   # (generation, monotonic) of a read
         self._labels = (self.camera.name,)
+        self.take_interval = 0.0          # EMA of the interval between frames sent (main thread)
+        self._last_taken = None
+        self._last_converted = 0.0
 
     def output_hwm(self) -> int:
         return Defaults.FRAME_SNDHWM
@@ -303,7 +322,8 @@ class CaptureStage(Stage):
         while not stop.is_set():
             started = time.monotonic()
             self._read_started = (gen, started)   # watched by the main thread (check_stall)
-            frame, pts = source.read()
+            convert = self._convert_next(started)
+            frame, pts = source.read(convert)
             if gen != self._generation:   # declared stalled meanwhile: this frame is stale
                 return False
             self._read_started = None
@@ -339,6 +359,11 @@ class CaptureStage(Stage):
                 if delay > 0 and stop.wait(delay):
                     return False
                 wall = time.time()
+            if frame is NOT_CONVERTED:   # behind: decoded, not converted nor sent
+                self.metrics.frames_dropped.labels(cam.name, "behind").inc()
+                self.frame_index += 1   # frame_index counts frames read, sent or not
+                continue
+            self._last_converted = time.monotonic()
             if min_gap and last_sent_pts is not None and pts - last_sent_pts < min_gap * 0.999:
                 continue   # fps cap: skip, not a drop
             last_sent_pts = pts
@@ -347,6 +372,23 @@ class CaptureStage(Stage):
                 self.metrics.frames_dropped.labels(cam.name, "queue_full").inc(self.queue.dropped)
                 self.queue.dropped = 0
         return False
+
+    def _convert_next(self, now: float) -> bool:
+        """Whether the reader converts the next frame: always, unless the source is live, a
+        frame already waits unsent and one was converted within half the interval at which the
+        pipeline takes frames (so the one it takes next is at most that much older)."""
+        if not self.camera.realtime or not len(self.queue) or self._last_taken is None:
+            return True
+        return now - self._last_converted >= self.take_interval / 2
+
+    def _taken(self) -> None:
+        """The main thread sent a frame: the interval at which the pipeline takes them."""
+        now = time.monotonic()
+        if self._last_taken is not None:
+            gap = now - self._last_taken
+            self.take_interval = gap if not self.take_interval else \
+                0.7 * self.take_interval + 0.3 * gap
+        self._last_taken = now
 
     def check_stall(self, now: float) -> None:
         """A read that has not returned for read_timeout_s (a stream that stays connected but
@@ -422,6 +464,8 @@ class CaptureStage(Stage):
                     if not self.queue.requeue(item):
                         self.metrics.frames_dropped.labels(self.camera.name, "queue_full").inc()
                     sender.wait_writable(0.02)
+                else:
+                    self._taken()
             # SIGTERM: frames already sent will be processed; tell downstream this camera ended
             sender.send(EndOfStream(camera=self.camera.name, reason="shutdown"), timeout_s=2.0)
             self.control("eos", camera=self.camera.name, reason="shutdown")
