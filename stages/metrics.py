@@ -32,7 +32,9 @@ class Metrics:
         self.frames_dropped = c("facewatch_frames_dropped", "Frames dropped before detection "
                                 "(queue_full: capture's queue overflowed, oldest dropped; "
                                 "lost: missing from the sequence at detect; corrupt: "
-                                "undecodable frames of a video file, skipped)",
+                                "undecodable frames of a video file, skipped; stale: a newer "
+                                "frame of a live camera replaced it at detect; behind: decoded "
+                                "but not converted, the pipeline was behind)",
                                 ["camera", "reason"], **kw)
         self.frames_processed = c("facewatch_frames_processed", "Frames run through the detector",
                                   ["camera"], **kw)
