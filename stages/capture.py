@@ -14,7 +14,7 @@
   new one reconnects after the backoff.
 - `realtime: false` (files only) never drops: the reader blocks until the pipeline takes frames.
 - Behind (live sources): a frame must still be decoded (H.264 frames depend on each other), but
-  while a frame waits unsent, converting (YUV to BGR), copying and sending newer ones is wasted
+  while the queue is full, converting (YUV to BGR), copying and sending newer ones is wasted
   when they will be dropped anyway; then only about two frames per interval at which the
   pipeline takes frames are converted, the others only decoded (`grab`) and counted in
   frames_dropped{reason="behind"} (issue 14, item 3: with 8 live 1080p cameras on 2 cores the
@@ -374,10 +374,12 @@ class CaptureStage(Stage):
         return False
 
     def _convert_next(self, now: float) -> bool:
-        """Whether the reader converts the next frame: always, unless the source is live, a
-        frame already waits unsent and one was converted within half the interval at which the
-        pipeline takes frames (so the one it takes next is at most that much older)."""
-        if not self.camera.realtime or not len(self.queue) or self._last_taken is None:
+        """Whether the reader converts the next frame: always, unless the source is live, its
+        queue is full (the frame would push an older one out unsent) and one was converted
+        within half the interval at which the pipeline takes frames (so the one it takes next
+        is at most that much older)."""
+        if not self.camera.realtime or len(self.queue) < self.queue.maxlen or \
+                self._last_taken is None:
             return True
         return now - self._last_converted >= self.take_interval / 2
 
