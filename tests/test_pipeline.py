@@ -457,13 +457,6 @@ def enroll_people(gallery: Path, train_dir: Path, detector: Path, embedder: Path
     return names
 
 
-def pair_accuracy_threshold(embedder: Path) -> float:
-    from stages.embed_stage import read_embedder_info
-
-    info = read_embedder_info(embedder)
-    return info.pair_accuracy_threshold or info.threshold
-
-
 def segment_of(video: FaceVideo, pts: float) -> dict | None:
     frame = round(pts * video.fps)
     return next((s for s in video.segments if s["first"] <= frame <= s["last"] + 6), None)
@@ -473,12 +466,11 @@ def segment_of(video: FaceVideo, pts: float) -> dict | None:
 def test_recognizes_enrolled_people_end_to_end(models, knn_dir, face_video, short_dir,
                                               gallery_module, daemons, subscriber):
     detector, embedder = models
-    # The model's default threshold is its FAR 1e-3 point, chosen for galleries of many people
-    # (models/README.md); this test is about the pipeline recognising five people enrolled from
-    # one or two photos, so it runs at the model's best pair-accuracy threshold instead.
+    # The daemon's own operating point (match.target_far, issue 13): at the permissive
+    # pair-accuracy threshold a first decision from one crop named a stranger's face once the
+    # detector found more faces (issue 11), which is what the open-set point is for.
     config = pipeline_config(short_dir, [{"name": "lobby", "uri": str(face_video.path),
-                                          "realtime": False}],
-                             match={"threshold": pair_accuracy_threshold(embedder)})
+                                          "realtime": False}])
     cfg = yaml.safe_load(config.read_text())
     enrolled = enroll_people(Path(cfg["gallery"]["path"]), knn_dir / "train", detector, embedder)
     assert len(enrolled) >= 4, f"only {enrolled} could be enrolled: is the detector trained?"
@@ -501,9 +493,16 @@ def test_recognizes_enrolled_people_end_to_end(models, knn_dir, face_video, shor
         x1, y1, x2, y2 = e["bbox"]
         assert 0 <= x1 < x2 <= face_video.size[0] and 0 <= y1 < y2 <= face_video.size[1]
         seen.setdefault(seg["photo"], set()).add(e["name"])
+    # never a wrong name, and recognition works end to end; how many enrolled appearances get
+    # named is the embedder's figure (2 of 7 at this operating point with the shipped one:
+    # evaluate-oneshot and models/README.md measure it, issue 12)
+    appearances = named = 0
     for seg in face_video.segments:
         expected = set(seg["names"]) & set(enrolled)
-        assert seen.get(seg["photo"], set()) == expected, (seg, seen)
+        assert seen.get(seg["photo"], set()) <= expected, (seg, seen)
+        appearances += len(expected)
+        named += len(seen.get(seg["photo"], set()))
+    assert named >= 2 and len(set().union(*seen.values())) >= 2, (named, appearances, seen)
     # one decision per track (plus re-check changes), never one per frame
     per_track = {}
     for e in logged:
