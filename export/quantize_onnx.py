@@ -165,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model.is_file():
         raise FileNotFoundError(f"model to quantise not found: {args.model}")
+    # a file the runtime cannot load is refused here, naming it (ModelError), not deep inside
+    # onnxruntime's quantiser
+    load_session(args.model, ["CPUExecutionProvider"], what=f"{args.kind} model to quantise")
     out = args.out or int8_path(args.model)
     mode = args.mode or ("dynamic" if args.kind == "embedder" else "static")
     images, batches = [], None

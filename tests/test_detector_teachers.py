@@ -158,6 +158,15 @@ def test_label_faces_writes_a_dataset_ultralytics_reads(data_dir, runs, tmp_path
         assert rows[:, 4].max() > 0.3  # the portrait's face is large
         image = runs / "detector/pseudo/few/images" / f"{label.stem}.jpg"
         assert cv2.imread(str(image)) is not None
+    # a rerun replaces the derived folder: a label left by an earlier run does not survive
+    stale = runs / "detector/pseudo/few/labels/stale__image.txt"
+    stale.write_text("0 0.5 0.5 0.2 0.2\n")
+    again = subprocess.run([sys.executable, "-m", "daemon.cli", "label-faces", "--source", str(photos),
+                            "--name", "few"], capture_output=True, text=True, timeout=600,
+                           cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert not stale.exists()
+    assert len(list((runs / "detector/pseudo/few/labels").glob("*.txt"))) == report["images_kept"]
     listing = tmp_path / "train.txt"
     listing.write_text("")
     assert add_pseudo_sources(listing, ["few:2"]) == {"few": 2}

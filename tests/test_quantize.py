@@ -74,3 +74,14 @@ def test_missing_model_is_named(tmp_path):
                              "--model", str(tmp_path / "nope.onnx")], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0 and "nope.onnx" in result.stderr
+
+
+def test_unloadable_model_is_named(tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not an onnx file")
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "quantize-model", "--kind", "embedder",
+                             "--model", str(garbage)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "garbage.onnx" in result.stderr
+    assert "is not a loadable ONNX model" in result.stderr and "Traceback" not in result.stderr
+

@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -180,6 +181,12 @@ def run(args: argparse.Namespace) -> int:
     source = args.source
     name = args.name or (source if source in ("lfw", "clip") else Path(source).name)
     out = pseudo_root() / name
+    # labels are derived data: a rerun (other policy, other --limit) starts from an empty folder,
+    # so no label of an image the new run leaves out survives in the training set
+    for derived in ("images", "labels"):
+        shutil.rmtree(out / derived, ignore_errors=True)
+    for cache in out.glob("*.cache"):
+        cache.unlink()
     link = True
     if source == "lfw":
         images = lfw_training_images()
