@@ -84,7 +84,7 @@ def test_distillation_loss_matches_numpy_and_is_zero_on_the_teacher():
     assert float(np.asarray(distillation_loss(t, t, 2.0, 3.0))) == pytest.approx(0.0, abs=1e-5)
 
 
-def test_recorded_split_is_people_disjoint_and_reproducible():
+def test_recorded_split_is_people_disjoint_and_reproducible(data_dir):  # skips without LFW
     from training.lfw import build_split, list_people
 
     split = json.loads(SPLIT_FILE.read_text())
