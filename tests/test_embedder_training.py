@@ -141,6 +141,39 @@ def test_resume_continues_from_the_checkpoint(runs):
 
 
 @needs_lfw
+def test_committed_checkpoint_resumes_a_run_on_a_fresh_machine(runs, tmp_path):
+    """--checkpoint-dir keeps the network without the optimizer's moments; with runs/ gone (a
+    fresh clone) --resume restarts from it at the next epoch with the same weights."""
+    import shutil
+
+    from training.train_embedder import COMMITTED_WEIGHTS
+
+    committed = tmp_path / "checkpoints" / "run-committed"
+    run_dir = train("--out", "run-committed", "--checkpoint-dir", str(committed))
+    saved = dict(np.load(committed / COMMITTED_WEIGHTS))
+    assert len(saved) > 10 and all(v.dtype == np.float32 for v in saved.values())
+    full = (run_dir / "last.weights.h5").stat().st_size
+    assert (committed / COMMITTED_WEIGHTS).stat().st_size < 0.6 * full, "optimizer state kept"
+    shutil.rmtree(run_dir)
+    with pytest.raises(FileNotFoundError, match="run-committed"):
+        train("--out", "run-committed", "--resume", "--epochs", "2")   # no --checkpoint-dir
+    run_dir = train("--out", "run-committed", "--resume", "--epochs", "2",
+                    "--checkpoint-dir", str(committed))
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["epoch"] == 2 and state["step"] == 4 and [h["epoch"] for h in state["history"]] == [1, 2]
+    assert (run_dir / "best.keras").is_file(), "the first validated epoch after a move is the best"
+    assert json.loads((committed / "state.json").read_text())["epoch"] == 2
+    # A checkpoint of another network is refused by name, not loaded halfway.
+    other = tmp_path / "checkpoints" / "other"
+    other.mkdir()
+    shutil.copy(committed / "state.json", other / "state.json")
+    np.savez(other / COMMITTED_WEIGHTS, **{k: v[..., :1] if v.ndim else v for k, v in saved.items()})
+    shutil.rmtree(run_dir)
+    with pytest.raises(ValueError, match="does not fit this network"):
+        train("--out", "run-committed", "--resume", "--epochs", "3", "--checkpoint-dir", str(other))
+
+
+@needs_lfw
 def test_aligned_run_with_the_dlib_teacher(runs):
     """Five-point crops on dlib landmarks and the distillation term, through a real short run."""
     pytest.importorskip("dlib", reason="the teacher extra (dlib-bin) is not installed")

@@ -117,6 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=0, help="random seed (batches, augmentation, initialisation)")
     a("--out", default=None, help="run name under runs/embedder/ (default <backbone>-<loss>)")
     a("--resume", action="store_true", help="continue the run from its last checkpoint")
+    a("--checkpoint-dir", type=Path, default=None,
+      help="after every epoch also write the run's weights (no optimizer state: small enough to "
+           "commit) and state here, e.g. training/checkpoints/<run>; --resume starts from them "
+           "when runs/ has no checkpoint (a fresh clone), with the optimizer's moments reset")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -462,9 +466,16 @@ def train(args: argparse.Namespace) -> Path:
     state_file, weights_file = run_dir / "state.json", run_dir / "last.weights.h5"
     state = {"epoch": 0, "step": 0, "elapsed_s": 0.0, "history": [], "best_accuracy": -1.0,
              "best_epoch": None, "args": _jsonable(args)}
+    committed = None   # weights-only checkpoint of --checkpoint-dir to resume from
     if args.resume:
-        if not state_file.is_file() or not weights_file.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (state.json, last.weights.h5)")
+        if not (state_file.is_file() and weights_file.is_file()):
+            committed = _committed_checkpoint(args)
+            if committed is None:
+                raise FileNotFoundError(
+                    f"--resume: no checkpoint in {run_dir} (state.json, last.weights.h5)"
+                    + (f" nor in {args.checkpoint_dir} (state.json, {COMMITTED_WEIGHTS})"
+                       if args.checkpoint_dir else ""))
+            state_file = committed / "state.json"
         saved = json.loads(state_file.read_text())
         _restore_args(args, saved)
         state.update({k: saved[k] for k in ("epoch", "step", "elapsed_s", "history",
@@ -479,8 +490,15 @@ def train(args: argparse.Namespace) -> Path:
 
     data = _prepare_data(args)
     trainer = _build(args, data["num_classes"])
-    if args.resume:
+    if committed is not None:
+        _load_weights_only(trainer, committed / COMMITTED_WEIGHTS)
+        if not (run_dir / "best.keras").is_file():   # the best network stayed on another machine
+            state["best_accuracy"] = -1.0
+        print(f"resumed from the committed checkpoint {committed} (optimizer moments reset)",
+              flush=True)
+    elif args.resume:
         trainer.load_weights(weights_file)
+    if args.resume:
         print(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}, "
               f"{state['elapsed_s'] / 60:.1f} min trained", flush=True)
     batches = _batches(args, data)
@@ -520,6 +538,8 @@ def train(args: argparse.Namespace) -> Path:
         state["elapsed_s"] += time.monotonic() - schedule.started
         schedule.started = time.monotonic()
         _checkpoint(trainer, state, run_dir)
+        if args.checkpoint_dir:
+            _commit_checkpoint(trainer, state, Path(args.checkpoint_dir))
         _save_curves(state["history"], run_dir / "curves.png")
         val = (f" val acc {record['val_accuracy']:.4f} auc {record['val_auc']:.4f} "
                f"tar@1e-3 {record['val_tar_at_far_1e3']:.3f}" if "val_accuracy" in record else "")
@@ -543,6 +563,41 @@ def _checkpoint(trainer, state: dict, run_dir: Path) -> None:
     trainer.embedder.save(run_dir / "embedder.keras")
     (run_dir / "state.json.tmp").write_text(json.dumps(state, indent=1))
     (run_dir / "state.json.tmp").replace(run_dir / "state.json")
+
+
+COMMITTED_WEIGHTS = "weights.npz"
+
+
+def _committed_checkpoint(args) -> Path | None:
+    folder = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    if folder and (folder / "state.json").is_file() and (folder / COMMITTED_WEIGHTS).is_file():
+        return folder
+    return None
+
+
+def _commit_checkpoint(trainer, state: dict, folder: Path) -> None:
+    """The trainer's variables (network and ArcFace centres, float32, by variable path) and the
+    run state, without the optimizer's moments (they would triple the size); crash-safe."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {v.path: np.asarray(v.numpy()) for v in trainer.weights}
+    tmp = folder / f"{COMMITTED_WEIGHTS}.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(folder / COMMITTED_WEIGHTS)
+    (folder / "state.json.tmp").write_text(json.dumps(state, indent=1))
+    (folder / "state.json.tmp").replace(folder / "state.json")
+
+
+def _load_weights_only(trainer, path: Path) -> None:
+    """Restore `_commit_checkpoint`'s arrays; every variable must be there with its shape."""
+    with np.load(path) as saved:
+        problems = [v.path for v in trainer.weights
+                    if v.path not in saved or saved[v.path].shape != tuple(v.shape)]
+        if problems:
+            raise ValueError(f"{path}: does not fit this network (missing or differently shaped: "
+                             f"{problems[:3]}{'...' if len(problems) > 3 else ''}); was it "
+                             f"written by another --backbone or data?")
+        for v in trainer.weights:
+            v.assign(saved[v.path])
 
 
 def _write_summary(args, state: dict, data: dict, run_dir: Path, trainer) -> None:
