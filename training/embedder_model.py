@@ -83,7 +83,8 @@ class StochasticDepth(layers.Layer):
         keep = 1.0 - self.rate
         shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
         mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator))
-        return x / keep * mask
+        # x is bfloat16 under mixed precision; the draw stays float32 (the same masks either way).
+        return x / keep * ops.cast(mask, x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate}
@@ -144,7 +145,7 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-def application_convnext(inputs, backbone: str, weights: str | None):
+def application_convnext(inputs, backbone: str, weights: str | None, input_size: int = INPUT_SIZE):
     """keras.applications ConvNeXt feature map for 0..255 RGB inputs.
 
     Its own `Normalization` layer keeps mean/variance as tensors made outside the traced
@@ -152,7 +153,7 @@ def application_convnext(inputs, backbone: str, weights: str | None):
     `Rescaling` (Python lists, so constants inside the graph) exports cleanly.
     """
     cls = getattr(keras.applications, APPLICATIONS[backbone])
-    net = cls(include_top=False, weights=None, input_shape=(INPUT_SIZE, INPUT_SIZE, 3),
+    net = cls(include_top=False, weights=None, input_shape=(input_size, input_size, 3),
               include_preprocessing=False)
     if weights:
         # Local ImageNet file only: nothing can be downloaded on these machines.
@@ -164,15 +165,24 @@ def application_convnext(inputs, backbone: str, weights: str | None):
 
 
 def build_embedder(backbone: str = "small", embedding_size: int = 128, dropout: float = 0.2,
-                   weights: str | None = None, drop_path: float = 0.05) -> keras.Model:
-    """Embedding network: (N, 112, 112, 3) float 0..255 RGB -> (N, embedding_size) unit vectors.
+                   weights: str | None = None, drop_path: float = 0.05,
+                   input_size: int = INPUT_SIZE) -> keras.Model:
+    """Embedding network: (N, S, S, 3) float 0..255 RGB -> (N, embedding_size) unit vectors,
+    S = `input_size` (112; 96 maps the small ConvNeXt to a 3x3 final map).
 
     The head flattens the final map instead of pooling it: the position of eyes, nose and mouth
     is what tells faces apart, and global pooling would throw it away (ArcFace's "E" head).
+
+    Under a mixed-precision global policy (`keras.mixed_precision`: the training-speed
+    benchmark's bf16 variants), the projection's BatchNorm and the L2 step still run in float32
+    (the losses compare cosines to 1e-3). train-embedder itself trains in float32: bf16 did not
+    pay on this CPU (models/README.md, "Training speed on the CPU").
     """
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
-    inputs = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), name="image")
+    if input_size < 32:
+        raise ValueError(f"input_size must be >= 32, got {input_size}")
+    inputs = keras.Input((input_size, input_size, 3), name="image")
     if backbone in SMALL_CONFIGS:
         if weights:
             raise ValueError(f"--weights is for keras.applications backbones, not {backbone!r}")
@@ -181,12 +191,12 @@ def build_embedder(backbone: str = "small", embedding_size: int = 128, dropout: 
             config = SmallConvNeXtConfig(**{**config.__dict__, "drop_path": drop_path})
         features = small_convnext(layers.Rescaling(1.0 / 255.0, name="rescale")(inputs), config)
     else:
-        features = application_convnext(inputs, backbone, weights)
+        features = application_convnext(inputs, backbone, weights, input_size)
     x = layers.Flatten(name="flatten")(features)
     x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Dense(embedding_size, use_bias=False, name="projection")(x)
-    x = layers.BatchNormalization(name="projection_bn")(x)
-    outputs = L2Normalize(name="embedding")(x)
+    x = layers.BatchNormalization(name="projection_bn", dtype="float32")(x)
+    outputs = L2Normalize(name="embedding", dtype="float32")(x)
     return keras.Model(inputs, outputs, name=f"embedder_{backbone}")
 
 
@@ -216,7 +226,10 @@ class EmbedderTrainer(keras.Model):
         if loss == "arcface":
             if num_classes < 2:
                 raise ValueError(f"ArcFace needs >= 2 identities, got {num_classes}")
-            self.head = ArcMarginHead(num_classes, arc_scale, arc_margin, name="arcface")
+            # float32 whatever the global policy: s * cos(theta + m) in bfloat16 (8-bit mantissa)
+            # would blur the margin itself.
+            self.head = ArcMarginHead(num_classes, arc_scale, arc_margin, name="arcface",
+                                      dtype="float32")
             self.head.build((None, embedder.output.shape[-1]))
 
     def call(self, images, training=False):

@@ -46,7 +46,10 @@ ARCHITECTURE_ARGS = ("backbone", "loss", "mining", "embedding_size", "arc_scale"
                      "alignment", "landmarks", "teacher", "distill_weight", "relation_weight",
                      "unlabelled_teacher", "unlabelled_folder", "unlabelled_share",
                      "unlabelled_max_images",
-                     "unlabelled_max_frames")
+                     "unlabelled_max_frames", "input_size")
+# Architecture keys added after runs existed: what a saved state without them was trained with
+# (a missing key must not come back as None on --resume).
+ARCHITECTURE_DEFAULTS = {"input_size": 112}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     a("--warmup-steps", type=int, default=200, help="linear learning-rate warmup steps")
     a("--embedding-size", type=int, default=128, help="embedding dimension")
+    a("--input-size", type=int, choices=(112, 96), default=112,
+      help="side of the square face crop the network takes; the alignment template is scaled "
+           "to it and the exported file's input_size tells the daemon to crop at it (96: "
+           "1.27-1.35x the training samples/s of 112 on 2 CPU cores, models/README.md)")
     a("--dropout", type=float, default=0.2, help="dropout before the embedding layer")
     a("--drop-path", type=float, default=0.05, help="stochastic depth rate of the backbone")
     a("--arc-scale", type=float, default=32.0, help="ArcFace logit scale s")
@@ -143,7 +150,7 @@ def _jsonable(args: argparse.Namespace) -> dict:
 
 def _restore_args(args: argparse.Namespace, state: dict) -> None:
     for key in ARCHITECTURE_ARGS:
-        saved = state["args"].get(key)
+        saved = state["args"].get(key, ARCHITECTURE_DEFAULTS.get(key))
         if key in ("detector",) and saved is not None:
             saved = Path(saved)
         if getattr(args, key, None) != saved:
@@ -181,7 +188,7 @@ def _prepare_data(args) -> dict:
         from training.teacher_cache import load_teacher_cache
 
         teacher = load_teacher_cache(images, wanted, args.detector)
-    spec = CropSpec(alignment=args.alignment, scale=args.crop_scale)
+    spec = CropSpec(size=args.input_size, alignment=args.alignment, scale=args.crop_scale)
     marks, marks_from = (teacher, None) if args.landmarks == "dlib" else (None, None)
     if args.landmarks == "yunet" and args.alignment != "box":
         marks, marks_from = _yunet_landmarks(images, wanted, args.detector), "yunet 5-point"
@@ -369,7 +376,7 @@ def _build(args, num_classes: int):
 
     keras.utils.set_random_seed(args.seed)
     embedder = build_embedder(args.backbone, args.embedding_size, args.dropout, args.weights,
-                              args.drop_path)
+                              args.drop_path, input_size=args.input_size)
     trainer = EmbedderTrainer(embedder, args.loss, num_classes, args.arc_scale, args.arc_margin,
                               args.triplet_margin, args.mining, args.contrastive_margin,
                               args.distill_weight, args.relation_weight)
