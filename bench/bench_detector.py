@@ -15,9 +15,9 @@ from pathlib import Path
 import cv2
 
 from bench.timing import compare
-from stages.face_detector import FaceDetector
-from training.paths import shared_data_dir
-from training.ultralytics_env import configure_offline
+from facewatch.stages.face_detector import FaceDetector
+from facewatch.training.paths import shared_data_dir
+from facewatch.training.ultralytics_env import configure_offline
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
 
-    from training.widerface import load_split
+    from facewatch.training.widerface import load_split
 
     root = shared_data_dir() / "widerface" / "images"
     frames = [cv2.imread(str(root / rel)) for rel in load_split()["val"][:args.images]]

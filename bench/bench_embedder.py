@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.face_embedder import FaceEmbedder  # noqa: E402
+from facewatch.stages.face_embedder import FaceEmbedder  # noqa: E402
 
 
 def time_call(fn, min_seconds: float, min_runs: int = 5) -> float:

@@ -111,7 +111,7 @@ def parse_variant(name: str) -> Variant:
 def _lfw_files(count: int):
     """`count` LFW training images spread over the alphabet (whole people, so labels repeat),
     with each person's label."""
-    from training.lfw import default_images_dir, image_path, list_people, load_split
+    from facewatch.training.lfw import default_images_dir, image_path, list_people, load_split
 
     images = default_images_dir()
     people = list_people(images)
@@ -133,8 +133,8 @@ def _datasets(variant: Variant, args, classes: int):
     import keras
     import numpy as np
 
-    from stages.face_crop import CropSpec, crop_faces
-    from training.embedder_data import ShuffledBatches, augment_batch, centre_box, read_image
+    from facewatch.stages.face_crop import CropSpec, crop_faces
+    from facewatch.training.embedder_data import ShuffledBatches, augment_batch, centre_box, read_image
 
     rng = np.random.default_rng(args.seed)
     size, batch = variant.input_size, args.batch
@@ -206,7 +206,7 @@ def _trainer(variant: Variant, args, classes: int):
     variant's precision and input size."""
     import keras
 
-    from training import train_embedder
+    from facewatch.training import train_embedder
 
     if variant.precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")

@@ -32,7 +32,7 @@ from bench.timing import compare
 
 def make_int8(kind: str, model: Path, out: Path, images: int) -> Path:
     log(f"quantising {model.name} ({kind}, {images} calibration images) into {out.parent}")
-    subprocess.run([sys.executable, "-m", "daemon.cli", "quantize-model", "--kind", kind,
+    subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "quantize-model", "--kind", kind,
                     "--model", str(model), "--out", str(out), "--images", str(images),
                     "--detector", str(model.parent / "face_detector.onnx"),
                     "--landmarks", str(model.parent / "face_landmarks.onnx")],
@@ -41,11 +41,11 @@ def make_int8(kind: str, model: Path, out: Path, images: int) -> Path:
 
 
 def main() -> None:
-    from export.quantize_onnx import int8_path
-    from stages.face_crop import crop_faces
-    from stages.face_detector import FaceDetector
-    from stages.face_embedder import FaceEmbedder
-    from stages.face_landmarks import LandmarkModel
+    from facewatch.export.quantize_onnx import int8_path
+    from facewatch.stages.face_crop import crop_faces
+    from facewatch.stages.face_detector import FaceDetector
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_landmarks import LandmarkModel
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=Path, default=REPO / "models")

@@ -70,9 +70,9 @@ def _face_recognition():
 
 def build_scenario(args, workdir: Path):
     """Enroll, plan and write the video (oneshot_scenario's steps), shifted by the lead-in."""
-    from daemon.file_run import load_models
-    from training import oneshot_scenario as osc
-    from training.lfw import default_images_dir, list_people, load_split
+    from facewatch.daemon.file_run import load_models
+    from facewatch.training import oneshot_scenario as osc
+    from facewatch.training.lfw import default_images_dir, list_people, load_split
 
     images = default_images_dir()
     people_photos = list_people(images)
@@ -159,9 +159,9 @@ def every_frame(video: Path, step) -> float:
 
 def naive_step(args, gallery_db: Path):
     from bench.naive_loop import NaiveLoop
-    from daemon.config import parse_config
-    from stages.face_crop import crop_faces
-    from stages.gallery import Gallery
+    from facewatch.daemon.config import parse_config
+    from facewatch.stages.face_crop import crop_faces
+    from facewatch.stages.gallery import Gallery
 
     with Gallery(gallery_db) as g:
         snap = g.snapshot()
@@ -259,7 +259,7 @@ def run_daemon_on(args, video: Path, gallery: Path, workdir: Path, realtime: boo
 # --- scoring ----------------------------------------------------------------------------------
 
 def scored(appearances, events: list[dict], processed: int, video_s: float) -> dict:
-    from training import oneshot_scenario as osc
+    from facewatch.training import oneshot_scenario as osc
 
     s = osc.score(appearances, events)
     known, unknown = s["enrolled_appearances"], s["unknown_appearances"]

@@ -44,8 +44,8 @@ from bench.timing import compare
 
 def _echo(inbound: str, outbound: str) -> None:
     """Receive messages and send them straight back, until EndOfStream."""
-    from stages.messages import EndOfStream
-    from stages.transport import Transport
+    from facewatch.stages.messages import EndOfStream
+    from facewatch.stages.transport import Transport
 
     t = Transport()
     try:
@@ -66,7 +66,7 @@ class EchoLink:
     """This process <-> an echo process over two ipc:// links of the daemon's own layout."""
 
     def __init__(self):
-        from stages.transport import Endpoints, Transport
+        from facewatch.stages.transport import Endpoints, Transport
 
         self.dir = Path(tempfile.mkdtemp(prefix="fwbt-"))
         ep = Endpoints.for_runtime("ipc", self.dir)
@@ -85,7 +85,7 @@ class EchoLink:
             raise RuntimeError(f"echo returned {back!r}")
 
     def close(self) -> None:
-        from stages.messages import EndOfStream
+        from facewatch.stages.messages import EndOfStream
 
         try:
             self.tx.send(EndOfStream(camera="bench"), timeout_s=2)
@@ -99,7 +99,7 @@ class EchoLink:
 
 
 def message_bytes(msg) -> int:
-    from stages.messages import encode
+    from facewatch.stages.messages import encode
 
     return sum(memoryview(f).nbytes for f in encode(msg))
 
@@ -109,11 +109,11 @@ def message_bytes(msg) -> int:
 def detect_stage(cfg, frames: list[np.ndarray]):
     """The daemon's DetectStage in this process (no sockets): batches of `detect.batch_max`
     frames through the detector, then tracking, quality gate and crops per frame."""
-    from stages.detect_stage import DetectStage
-    from stages.messages import VideoFrame
-    from stages.metrics import Metrics
-    from stages.stage import StageContext
-    from stages.transport import Endpoints, Transport
+    from facewatch.stages.detect_stage import DetectStage
+    from facewatch.stages.messages import VideoFrame
+    from facewatch.stages.metrics import Metrics
+    from facewatch.stages.stage import StageContext
+    from facewatch.stages.transport import Endpoints, Transport
 
     tmp = Path(tempfile.mkdtemp(prefix="fwbd-"))
     ctx = StageContext(name="detect", kind="detect", config=cfg, transport=Transport(),
@@ -134,13 +134,13 @@ def detect_stage(cfg, frames: list[np.ndarray]):
 
 def build_candidates(args, cfg, video: Path, echo: EchoLink) -> tuple[dict, dict]:
     """name -> (fn, items per call), and facts about them (sizes, batch, dims)."""
-    from stages.face_crop import crop_faces
-    from stages.face_detector import FaceDetector
-    from stages.face_landmarks import LandmarkModel, landmarks_to_run
-    from stages.detections import Detections
-    from stages.face_embedder import FaceEmbedder
-    from stages.matcher import Matcher
-    from stages.messages import FaceCrops, VideoFrame
+    from facewatch.stages.face_crop import crop_faces
+    from facewatch.stages.face_detector import FaceDetector
+    from facewatch.stages.face_landmarks import LandmarkModel, landmarks_to_run
+    from facewatch.stages.detections import Detections
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.matcher import Matcher
+    from facewatch.stages.messages import FaceCrops, VideoFrame
 
     mc = cfg.models
     frames = read_frames(video, 8, step=13)    # 8 frames spread over the clip

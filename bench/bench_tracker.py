@@ -44,7 +44,7 @@ class UltralyticsByteTrack:
     config's overrides (needs the training extras: ultralytics, torch)."""
 
     def __init__(self, dcfg):
-        from training.ultralytics_env import configure_offline
+        from facewatch.training.ultralytics_env import configure_offline
 
         configure_offline()
         import ultralytics
@@ -85,12 +85,12 @@ class SupervisionByteTrack:
     """The daemon's tracker now (stages.tracking.CameraTracker)."""
 
     def __init__(self, dcfg):
-        from stages.tracking import CameraTracker, tracker_args
+        from facewatch.stages.tracking import CameraTracker, tracker_args
 
         self.tracker = CameraTracker("bytetrack", tracker_args("bytetrack", dcfg))
 
     def update(self, boxes: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from stages.detections import Detections
+        from facewatch.stages.detections import Detections
 
         tracks = self.tracker.update(Detections(boxes, scores), None)
         # the detector's boxes come back unchanged: find each one's index
@@ -148,11 +148,11 @@ def score(track_of: np.ndarray, ident: np.ndarray, frame_of: np.ndarray, eligibl
 
 
 def run(args: argparse.Namespace) -> dict:
-    from stages.embed_stage import read_embedder_info
-    from stages.face_crop import crop_faces
-    from stages.face_detector import detector_from_config
-    from stages.face_embedder import FaceEmbedder
-    from stages.face_landmarks import landmark_model_from_config
+    from facewatch.stages.embed_stage import read_embedder_info
+    from facewatch.stages.face_crop import crop_faces
+    from facewatch.stages.face_detector import detector_from_config
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_landmarks import landmark_model_from_config
 
     detector_path, embedder_path = model_paths(args.models)
     cfg = bench_config(args, detector_path, embedder_path)

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:   # `python bench/x.py` as well as `python -m bench.x`
     sys.path.insert(0, str(REPO))
 
-from training.paths import shared_data_dir  # noqa: E402
+from facewatch.training.paths import shared_data_dir  # noqa: E402
 
 CLIP = Path("videos") / "facenet_pytorch_video.mp4"   # 1080p, 25 fps, 105 frames, 4-8 faces
 DECISION_TYPES = ("recognized", "unknown")             # events that carry a latency worth timing
@@ -101,7 +101,7 @@ def config_sections(args, detector: Path, embedder: Path) -> dict[str, dict]:
 def bench_config(args, detector: Path, embedder: Path):
     """The FacewatchConfig the daemon would run with (defaults + the shared sections), for code
     that runs stages in this process (the baseline, standalone stage timings)."""
-    from daemon.config import parse_config
+    from facewatch.daemon.config import parse_config
 
     return parse_config({"cameras": [{"name": "bench", "uri": "/dev/null"}],
                          **config_sections(args, detector, embedder)}, Path("."), "benchmark")
@@ -237,8 +237,8 @@ def synthetic_embeddings(people: int, dim: int, seed: int = 0) -> np.ndarray:
 def make_gallery(path: Path, embedder: Path, people: int, seed: int = 0) -> np.ndarray:
     """Enroll `people` synthetic people (one random embedding each, tagged with the embedder's
     model id so the daemon accepts them) into a new SQLite gallery; returns the matrix."""
-    from stages.face_embedder import FaceEmbedder
-    from stages.gallery import Gallery, file_model_id
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.gallery import Gallery, file_model_id
 
     dim = FaceEmbedder(embedder, ["CPUExecutionProvider"], threads=1).embedding_size
     matrix = synthetic_embeddings(people, dim, seed)
@@ -323,7 +323,7 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
+        self.proc = subprocess.Popen([sys.executable, "-m", "facewatch.daemon.cli", "run", "--config",
                                       str(self.config)], cwd=REPO, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._stage_pids: dict[str, int] = {}
@@ -412,7 +412,7 @@ class Daemon:
                 continue
             try:
                 proc = psutil.Process(pid)
-                if "daemon.worker" in " ".join(proc.cmdline()) and \
+                if "facewatch.daemon.worker" in " ".join(proc.cmdline()) and \
                         str(self.config.parent) in " ".join(proc.cmdline()):
                     proc.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):

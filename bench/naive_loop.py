@@ -27,11 +27,11 @@ class NaiveLoop:
     baseline runs exactly what the daemon is configured with."""
 
     def __init__(self, cfg, gallery: np.ndarray | None = None):
-        from stages.embed_stage import read_embedder_info
-        from stages.face_detector import detector_from_config
-        from stages.face_embedder import embedder_from_config
-        from stages.face_landmarks import landmark_model_from_config
-        from stages.tracking import tracker_args
+        from facewatch.stages.embed_stage import read_embedder_info
+        from facewatch.stages.face_detector import detector_from_config
+        from facewatch.stages.face_embedder import embedder_from_config
+        from facewatch.stages.face_landmarks import landmark_model_from_config
+        from facewatch.stages.tracking import tracker_args
 
         m, d = cfg.models, cfg.detect
         self.cfg = cfg
@@ -47,7 +47,7 @@ class NaiveLoop:
         if cfg.match.threshold is not None:
             self.threshold = cfg.match.threshold
         elif info.far_table is not None:
-            from stages.open_set import operating_point
+            from facewatch.stages.open_set import operating_point
 
             self.threshold = operating_point(info.far_table, cfg.match.target_far,
                                              len(self.gallery)).threshold
@@ -58,14 +58,14 @@ class NaiveLoop:
 
     def reset(self) -> None:
         """A fresh tracker, as a restarted camera would get."""
-        from stages.tracking import CameraTracker
+        from facewatch.stages.tracking import CameraTracker
 
         self.tracker = CameraTracker(self.cfg.detect.tracker, self._tracker_args)
 
     def step(self, frame: np.ndarray):
         """One frame through every stage; returns the tracks and which of them were recognised
         (best cosine similarity to the gallery at or above the threshold)."""
-        from stages.face_crop import crop_faces
+        from facewatch.stages.face_crop import crop_faces
 
         dets = self.detector.detect([frame])[0]
         tracks = self.tracker.update(dets, frame)

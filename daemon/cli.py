@@ -18,7 +18,7 @@ import os
 import sys
 import types
 
-from stages.errors import EXIT_PIPE, EXIT_SETUP, EXIT_USAGE, SetupError
+from facewatch.stages.errors import EXIT_PIPE, EXIT_SETUP, EXIT_USAGE, SetupError
 
 DESCRIPTION = """\
 facewatch recognises enrolled people on RTSP cameras, video devices and video files, and
@@ -36,26 +36,26 @@ exit statuses: 0 done (every stream ended, or stopped by SIGTERM/SIGINT); 1 unex
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int | None.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("daemon.run_command", "run the daemon (supervisor and every stage)"),
-    "demo": ("daemon.demo", "build the demo input, enroll, run the daemon and print events"),
-    "enroll": ("daemon.gallery_commands", "enroll a person from one or more photos"),
-    "gallery": ("daemon.gallery_commands", "list, remove or export gallery entries"),
-    "events": ("daemon.events_command", "subscribe to recognition events and print JSON lines"),
-    "validate-config": ("daemon.config", "check a config file and the models it names: "
+    "run": ("facewatch.daemon.run_command", "run the daemon (supervisor and every stage)"),
+    "demo": ("facewatch.daemon.demo", "build the demo input, enroll, run the daemon and print events"),
+    "enroll": ("facewatch.daemon.gallery_commands", "enroll a person from one or more photos"),
+    "gallery": ("facewatch.daemon.gallery_commands", "list, remove or export gallery entries"),
+    "events": ("facewatch.daemon.events_command", "subscribe to recognition events and print JSON lines"),
+    "validate-config": ("facewatch.daemon.config", "check a config file and the models it names: "
                         "whatever `run` would refuse, with its exit status"),
-    "keys": ("daemon.keys_command", "make CURVE keys for the encrypted event socket"),
-    "train-detector": ("training.train_detector", "train the YOLOv8 face detector"),
-    "label-faces": ("training.pseudo_labels", "label detector training images with the CenterFace teacher"),
-    "quantize-model": ("export.quantize_onnx", "int8 copy of a model for CPU inference, calibrated on training images"),
-    "export-detector": ("export.detector_onnx", "export a detector checkpoint to ONNX"),
-    "evaluate-detector": ("training.evaluate_detector", "AP of a detector on WIDER FACE format"),
-    "train-embedder": ("training.train_embedder", "train the ConvNeXt-Siamese embedder"),
-    "export-embedder": ("export.embedder_onnx", "export an embedder checkpoint to ONNX"),
-    "evaluate-embedder": ("training.evaluate_embedder", "verification metrics on LFW-format pairs"),
-    "evaluate-oneshot": ("training.oneshot_scenario", "score one-shot recognition on a generated video"),
-    "teacher-cache": ("training.teacher_cache", "dlib landmarks and teacher embeddings (LFW; --unlabelled: WIDER and clip faces)"),
-    "train-landmarks": ("training.train_landmarks", "train the five-point landmark model"),
-    "export-landmarks": ("export.landmarks_onnx", "export a landmark checkpoint to ONNX"),
+    "keys": ("facewatch.daemon.keys_command", "make CURVE keys for the encrypted event socket"),
+    "train-detector": ("facewatch.training.train_detector", "train the YOLOv8 face detector"),
+    "label-faces": ("facewatch.training.pseudo_labels", "label detector training images with the CenterFace teacher"),
+    "quantize-model": ("facewatch.export.quantize_onnx", "int8 copy of a model for CPU inference, calibrated on training images"),
+    "export-detector": ("facewatch.export.detector_onnx", "export a detector checkpoint to ONNX"),
+    "evaluate-detector": ("facewatch.training.evaluate_detector", "AP of a detector on WIDER FACE format"),
+    "train-embedder": ("facewatch.training.train_embedder", "train the ConvNeXt-Siamese embedder"),
+    "export-embedder": ("facewatch.export.embedder_onnx", "export an embedder checkpoint to ONNX"),
+    "evaluate-embedder": ("facewatch.training.evaluate_embedder", "verification metrics on LFW-format pairs"),
+    "evaluate-oneshot": ("facewatch.training.oneshot_scenario", "score one-shot recognition on a generated video"),
+    "teacher-cache": ("facewatch.training.teacher_cache", "dlib landmarks and teacher embeddings (LFW; --unlabelled: WIDER and clip faces)"),
+    "train-landmarks": ("facewatch.training.train_landmarks", "train the five-point landmark model"),
+    "export-landmarks": ("facewatch.export.landmarks_onnx", "export a landmark checkpoint to ONNX"),
 }
 
 
@@ -127,7 +127,7 @@ def _add_command_arguments(parser: argparse.ArgumentParser, name: str, stubbed: 
             # real import (a help normally ends the process; tests build several in one)
             for key in set(sys.modules) - before:
                 if isinstance(sys.modules[key], _StubModule) or \
-                        key.split(".")[0] in ("daemon", "stages", "training", "export"):
+                        key.startswith("facewatch."):
                     del sys.modules[key]
 
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_SETUP
     except ValueError as exc:
-        from daemon.config import ConfigError
+        from facewatch.daemon.config import ConfigError
 
         log.error("%s", exc)
         # a configuration that cannot be used: 78 (EX_CONFIG), which systemd does not restart

@@ -176,7 +176,7 @@ class ModelsConfig(Section):
     @classmethod
     def _shipped_models(cls, data):
         if isinstance(data, dict):
-            from stages import model_files
+            from facewatch.stages import model_files
 
             data = dict(data)
             for key, name in (("detector", model_files.DETECTOR), ("embedder", model_files.EMBEDDER),
@@ -194,7 +194,7 @@ class ModelsConfig(Section):
     @field_validator("precision")
     @classmethod
     def _precision(cls, precision: dict[str, str]) -> dict[str, str]:
-        from stages.precision import INT8_PROVIDERS
+        from facewatch.stages.precision import INT8_PROVIDERS
 
         bad = [p for p in precision if not p.endswith("ExecutionProvider")]
         if bad:
@@ -588,7 +588,7 @@ def problems(cfg: FacewatchConfig) -> list[str]:
             if var not in os.environ:
                 out.append(f"cameras[{i}].uri: environment variable {var} is not set here")
     if cfg.models.landmarks is None and cfg.models.embedder.is_file():
-        from stages.embedder_info import read_embedder_info
+        from facewatch.stages.embedder_info import read_embedder_info
 
         # not stages.face_crop.LANDMARK_LAYOUTS: OpenCV would add ~17 MB to the supervisor
         if read_embedder_info(cfg.models.embedder).crop_alignment != "box":
@@ -617,8 +617,8 @@ def run_validate_config(args) -> int:
     """Exit 0 when the daemon would start with this file here; else 78 (EX_CONFIG, as `run`
     would), each reason on its own line: a bad key or value, a missing or unloadable model or
     key file, a port clash."""
-    from daemon.run_command import preflight_errors
-    from stages.errors import EXIT_SETUP
+    from facewatch.daemon.run_command import preflight_errors
+    from facewatch.stages.errors import EXIT_SETUP
 
     try:
         cfg = load_config(args.path)

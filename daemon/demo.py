@@ -15,9 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from daemon.file_run import file_config, load_models, run_daemon
-from stages.embed_stage import read_embedder_info
-from training.paths import runs_dir, shared_data_dir
+from facewatch.daemon.file_run import file_config, load_models, run_daemon
+from facewatch.stages.embed_stage import read_embedder_info
+from facewatch.training.paths import runs_dir, shared_data_dir
 
 log = logging.getLogger("facewatch.demo")
 FPS = 25
@@ -89,8 +89,8 @@ def write_video(path: Path, photos: list[Path]) -> int:
 
 
 def enroll_all(gallery_path: Path, people: dict[str, list[Path]], models: Path) -> None:
-    from daemon.enrollment import enroll_images
-    from stages.gallery import Gallery
+    from facewatch.daemon.enrollment import enroll_images
+    from facewatch.stages.gallery import Gallery
 
     detector, embedder = load_models(models / "face_detector.onnx", models / "face_embedder.onnx",
                                      models / "face_landmarks.onnx")
@@ -111,7 +111,7 @@ def print_event(event: dict, counts: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.models is None:
-        from stages.model_files import models_dir
+        from facewatch.stages.model_files import models_dir
 
         args.models = models_dir()
     workdir = Path(args.workdir or runs_dir() / "demo")
@@ -134,8 +134,8 @@ def run(args: argparse.Namespace) -> int:
     # may name someone): the threshold follows the size of this small gallery.
     info = read_embedder_info(args.models / "face_embedder.onnx")
     if info.far_table is not None:
-        from stages.gallery import Gallery
-        from stages.open_set import operating_point
+        from facewatch.stages.gallery import Gallery
+        from facewatch.stages.open_set import operating_point
 
         with Gallery(gallery, create=False) as g:
             size = len(g.snapshot())

@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from stages.detections import Detections
-from stages.face_crop import CropSpec, crop_faces
-from stages.gallery import Gallery, check_name
+from facewatch.stages.detections import Detections
+from facewatch.stages.face_crop import CropSpec, crop_faces
+from facewatch.stages.gallery import Gallery, check_name
 
 log = logging.getLogger("facewatch.enroll")
 

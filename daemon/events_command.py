@@ -15,8 +15,8 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from stages.messages import EVENT_TYPES, MessageError, parse_event
-from stages.transport import Defaults
+from facewatch.stages.messages import EVENT_TYPES, MessageError, parse_event
+from facewatch.stages.transport import Defaults
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5570"  # the default of publish.endpoint in the config
 

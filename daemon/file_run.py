@@ -19,7 +19,7 @@ from typing import Callable
 
 import yaml
 
-from training.paths import REPO_ROOT
+from facewatch.training.paths import REPO_ROOT
 
 
 def free_port() -> int:
@@ -30,9 +30,9 @@ def free_port() -> int:
 
 def load_models(detector: Path, embedder: Path, landmarks: Path | None = None):
     """(FaceDetector, FaceEmbedder) on the CPU, as `facewatch enroll --cpu` opens them."""
-    from stages.face_detector import FaceDetector
-    from stages.face_embedder import FaceEmbedder
-    from stages.face_landmarks import landmarks_to_run
+    from facewatch.stages.face_detector import FaceDetector
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_landmarks import landmarks_to_run
 
     cpu = ["CPUExecutionProvider"]
     face_embedder = FaceEmbedder(embedder, providers=cpu)
@@ -89,7 +89,7 @@ def run_daemon(config: dict, config_path: Path, timeout: float,
         listener.start()
     log_file = open(log_path, "wb") if log_path is not None else None
     try:
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config",
+        daemon = subprocess.Popen([sys.executable, "-m", "facewatch.daemon.cli", "run", "--config",
                                    str(config_path)], cwd=REPO_ROOT, stderr=log_file)
         try:
             code = daemon.wait(timeout=timeout)

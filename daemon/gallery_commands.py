@@ -13,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
-from stages.gallery import Gallery, GalleryError, check_name, file_model_id
+from facewatch.stages.gallery import Gallery, GalleryError, check_name, file_model_id
 
 
 def _config(path: Path | None):
     if path is None:
         return None
-    from daemon.config import load_config
+    from facewatch.daemon.config import load_config
 
     return load_config(path)
 
@@ -58,8 +58,8 @@ def add_enroll_arguments(p: argparse.ArgumentParser) -> None:
 
 def enroll_models(args: argparse.Namespace, cfg) -> tuple[Path, Path, Path | None, tuple]:
     """(detector, embedder, landmarks, providers): the options, else the config's, else shipped."""
-    from stages import model_files
-    from stages.onnx_session import DEFAULT_PROVIDERS
+    from facewatch.stages import model_files
+    from facewatch.stages.onnx_session import DEFAULT_PROVIDERS
 
     m = cfg.models if cfg is not None else None
     detector = args.detector or (m.detector if m else model_files.shipped_model(model_files.DETECTOR))
@@ -74,10 +74,10 @@ def enroll_models(args: argparse.Namespace, cfg) -> tuple[Path, Path, Path | Non
 
 def run_enroll(args: argparse.Namespace) -> int:
     # Imported here: `gallery list` must not pay for onnxruntime.
-    from daemon.enrollment import prepare, store
-    from stages.face_detector import FaceDetector
-    from stages.face_embedder import FaceEmbedder
-    from stages.face_landmarks import landmarks_to_run
+    from facewatch.daemon.enrollment import prepare, store
+    from facewatch.stages.face_detector import FaceDetector
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_landmarks import landmarks_to_run
 
     check_name(args.name)
     cfg = _config(args.config)

@@ -20,9 +20,9 @@ import signal
 import tempfile
 from pathlib import Path
 
-from daemon.config import (STAGE_KINDS, ConfigError, FacewatchConfig, config_to_json,
+from facewatch.daemon.config import (STAGE_KINDS, ConfigError, FacewatchConfig, config_to_json,
                            load_config, parse_camera_arg, problems, with_runtime_dir)
-from daemon.runtime_lock import lock_runtime_dir
+from facewatch.daemon.runtime_lock import lock_runtime_dir
 
 log = logging.getLogger("facewatch.run")
 
@@ -72,8 +72,8 @@ def required_files(cfg: FacewatchConfig) -> list[tuple[str, Path, str]]:
 
 
 def _aligns_on_landmarks(embedder: Path) -> bool:
-    from stages.embedder_info import read_embedder_info
-    from stages.errors import SetupError
+    from facewatch.stages.embedder_info import read_embedder_info
+    from facewatch.stages.errors import SetupError
 
     # every alignment but "box" is on landmarks (stages.face_crop.ALIGNMENTS); face_crop is not
     # imported here: OpenCV would add ~17 MB to the supervisor, which runs these checks
@@ -87,7 +87,7 @@ def preflight_errors(cfg: FacewatchConfig, load_models: bool = False) -> list[st
     """What the daemon would refuse at start-up, one line each: a missing file (always), and
     with `load_models` a model file its stage could not load (as the stage loads it, on the
     CPU), the error naming the config key, the file and what was expected."""
-    from stages.model_files import where_text
+    from facewatch.stages.model_files import where_text
 
     errors = []
     for key, path, what in required_files(cfg):
@@ -97,10 +97,10 @@ def preflight_errors(cfg: FacewatchConfig, load_models: bool = False) -> list[st
             errors.append(f"{key}: file not found: {path} (expected {what}{hint})")
     if errors or not load_models:
         return errors
-    from stages.errors import SetupError
-    from stages.face_detector import FaceDetector
-    from stages.face_embedder import FaceEmbedder
-    from stages.face_landmarks import LandmarkModel
+    from facewatch.stages.errors import SetupError
+    from facewatch.stages.face_detector import FaceDetector
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_landmarks import LandmarkModel
 
     cpu = ("CPUExecutionProvider",)
     loaders = {"models.detector": lambda p: FaceDetector(p, cpu),
@@ -114,7 +114,7 @@ def preflight_errors(cfg: FacewatchConfig, load_models: bool = False) -> list[st
             except SetupError as exc:
                 errors.append(f"{key}: {exc}")
     if not errors:   # the file each stage will load at its precision (a stale int8 copy, ...)
-        from stages.precision import choose
+        from facewatch.stages.precision import choose
 
         for key, _, _ in required_files(cfg):
             kind = key.partition(".")[2]
@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_dir.mkdir(mode=0o700)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
 
-        from daemon.supervisor import Supervisor
+        from facewatch.daemon.supervisor import Supervisor
 
         log.info("runtime directory %s; %d camera(s): %s", runtime, len(cfg.cameras),
                  ", ".join(f"{c.name}={c.safe_uri}" for c in cfg.cameras))

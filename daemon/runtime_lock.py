@@ -13,7 +13,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from stages.errors import SetupError
+from facewatch.stages.errors import SetupError
 
 LOCK_NAME = "lock"
 

@@ -35,15 +35,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.config import FacewatchConfig
-from daemon.sdnotify import Notifier
-from daemon.worker import SUPERVISOR_PID_ENV
-from stages.errors import EXIT_CAMERAS_FAILED, EXIT_SETUP, SetupError
-from stages.messages import EndOfStream
-from stages import run_state
-from stages.metrics import Metrics, mark_process_dead, serve
-from stages.stage import Backoff
-from stages.transport import Endpoints, Transport, tcp_bind_problem
+from facewatch.daemon.config import FacewatchConfig
+from facewatch.daemon.sdnotify import Notifier
+from facewatch.daemon.worker import SUPERVISOR_PID_ENV
+from facewatch.stages.errors import EXIT_CAMERAS_FAILED, EXIT_SETUP, SetupError
+from facewatch.stages.messages import EndOfStream
+from facewatch.stages import run_state
+from facewatch.stages.metrics import Metrics, mark_process_dead, serve
+from facewatch.stages.stage import Backoff
+from facewatch.stages.transport import Endpoints, Transport, tcp_bind_problem
 
 log = logging.getLogger("facewatch.supervisor")
 
@@ -137,7 +137,7 @@ class Supervisor:
         return ended
 
     def start(self, st: StageProc) -> None:
-        cmd = [sys.executable, "-m", "daemon.worker", "--stage", st.kind,
+        cmd = [sys.executable, "-m", "facewatch.daemon.worker", "--stage", st.kind,
                "--config", str(self.config_path)]
         if st.camera:
             cmd += ["--camera", st.camera]

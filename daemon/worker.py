@@ -16,16 +16,16 @@ import os
 import signal
 import sys
 
-from daemon.config import STAGE_KINDS, ConfigError, config_from_json, load_config, with_runtime_dir
-from stages.errors import EXIT_SETUP, SetupError
+from facewatch.daemon.config import STAGE_KINDS, ConfigError, config_from_json, load_config, with_runtime_dir
+from facewatch.stages.errors import EXIT_SETUP, SetupError
 
 # stage kind -> (module, class); imported only for the stage this process runs
 STAGE_CLASSES = {
-    "capture": ("stages.capture", "CaptureStage"),
-    "detect": ("stages.detect_stage", "DetectStage"),
-    "embed": ("stages.embed_stage", "EmbedStage"),
-    "match": ("stages.match_stage", "MatchStage"),
-    "publish": ("stages.publish_stage", "PublishStage"),
+    "capture": ("facewatch.stages.capture", "CaptureStage"),
+    "detect": ("facewatch.stages.detect_stage", "DetectStage"),
+    "embed": ("facewatch.stages.embed_stage", "EmbedStage"),
+    "match": ("facewatch.stages.match_stage", "MatchStage"),
+    "publish": ("facewatch.stages.publish_stage", "PublishStage"),
 }
 SUPERVISOR_PID_ENV = "FACEWATCH_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # imported after the config check so PROMETHEUS_MULTIPROC_DIR (from the supervisor) is set
-    from stages.metrics import Metrics
-    from stages.stage import StageContext
-    from stages.transport import Endpoints, Transport
+    from facewatch.stages.metrics import Metrics
+    from facewatch.stages.stage import StageContext
+    from facewatch.stages.transport import Endpoints, Transport
 
     transport = Transport()
     ctx = StageContext(name=name, kind=args.stage, config=cfg, transport=transport,

@@ -14,8 +14,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from training.paths import shared_data_dir
-from training.ultralytics_env import configure_offline
+from facewatch.training.paths import shared_data_dir
+from facewatch.training.ultralytics_env import configure_offline
 
 log = logging.getLogger("facewatch.export")
 TRAINING_DATA = ("WIDER FACE validation images (1,450, shared copy), split by event class: "
@@ -73,8 +73,8 @@ def training_sources(weights: Path) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.onnx_metadata import set_metadata
-    from stages.face_detector import FaceDetector
+    from facewatch.export.onnx_metadata import set_metadata
+    from facewatch.stages.face_detector import FaceDetector
 
     out = export_onnx(args.weights, args.out, args.imgsz, args.opset)
     meta = {"facewatch_detector": "1", "training_data": TRAINING_DATA,
@@ -84,13 +84,13 @@ def run(args: argparse.Namespace) -> int:
         meta["training_sources"] = sources
     detector = FaceDetector(out, providers=["CPUExecutionProvider"])
     if detector.has_landmarks:
-        from training.dlib_teacher import FLIP_INDEX, LANDMARK_NAMES
+        from facewatch.training.dlib_teacher import FLIP_INDEX, LANDMARK_NAMES
 
         meta["landmarks"] = {"count": 5, "order": list(LANDMARK_NAMES), "flip_index": list(FLIP_INDEX),
                              "units": "input pixels, (x, y, visibility) rows after the score",
                              "source": LANDMARK_SOURCE}
     if not args.no_eval:
-        from training.evaluate_detector import EVAL_CONF, evaluate_detector, landmark_labels, select_records
+        from facewatch.training.evaluate_detector import EVAL_CONF, evaluate_detector, landmark_labels, select_records
 
         root = shared_data_dir() / "widerface"
         detector = FaceDetector(out, providers=["CPUExecutionProvider"], conf_threshold=EVAL_CONF)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.keras_onnx import OPSET, ExportError, convert, save_verified
-from stages.face_crop import DEFAULT_CROP_SCALE
+from facewatch.export.keras_onnx import OPSET, ExportError, convert, save_verified
+from facewatch.stages.face_crop import DEFAULT_CROP_SCALE
 
 log = logging.getLogger("facewatch.export_embedder")
 
@@ -69,10 +69,10 @@ def measure_open_set(model: Path):
     """The impostor FAR table of the exported file, measured through the runtime path on the
     validation pairs (as `facewatch evaluate-embedder --write-metadata`) and written into its
     metadata; None, with a warning, when the pairs' images or the detector are not here."""
-    from training.embedder_data import DEFAULT_DETECTOR, DETECTOR_IMGSZ, FaceBoxer
-    from training.evaluate_embedder import evaluate_pairs, load_embedder, write_far_table
-    from training.lfw import VAL_PAIRS_FILE, default_images_dir, read_pairs
-    from stages.face_landmarks import landmarks_to_run
+    from facewatch.training.embedder_data import DEFAULT_DETECTOR, DETECTOR_IMGSZ, FaceBoxer
+    from facewatch.training.evaluate_embedder import evaluate_pairs, load_embedder, write_far_table
+    from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir, read_pairs
+    from facewatch.stages.face_landmarks import landmarks_to_run
 
     images = default_images_dir()
     if not images.is_dir() or not Path(DEFAULT_DETECTOR).is_file():
@@ -93,7 +93,7 @@ def measure_open_set(model: Path):
 def load_keras_embedder(path: Path):
     import keras
 
-    import training.embedder_model  # noqa: F401  registers the custom layers
+    import facewatch.training.embedder_model  # noqa: F401  registers the custom layers
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"embedder checkpoint not found: {path}")
@@ -105,12 +105,12 @@ def load_keras_embedder(path: Path):
 
 def sample_inputs(input_size: int, count: int = 4) -> np.ndarray:
     """Face-like test inputs: real LFW crops when the data is here, else smooth random images."""
-    from training.lfw import default_images_dir
+    from facewatch.training.lfw import default_images_dir
 
     images = default_images_dir()
     if images.is_dir():
-        from stages.face_crop import crop_face
-        from training.embedder_data import centre_box, read_image
+        from facewatch.stages.face_crop import crop_face
+        from facewatch.training.embedder_data import centre_box, read_image
 
         paths = sorted(images.glob("*/*_0001.jpg"))[:: 500][:count]
         if paths:

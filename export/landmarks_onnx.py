@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.keras_onnx import OPSET, ExportError, convert, save_verified
+from facewatch.export.keras_onnx import OPSET, ExportError, convert, save_verified
 
 log = logging.getLogger("facewatch.export_landmarks")
 
@@ -54,9 +54,9 @@ def sample_crops(size: int, scale: float, count: int = 8) -> np.ndarray:
     """Real LFW box crops (RGB float32) when the data is here, else smooth random images."""
     import cv2
 
-    from stages.face_crop import crop_face
-    from training.embedder_data import centre_box, read_image
-    from training.lfw import default_images_dir
+    from facewatch.stages.face_crop import crop_face
+    from facewatch.training.embedder_data import centre_box, read_image
+    from facewatch.training.lfw import default_images_dir
 
     paths = sorted(default_images_dir().glob("*/*_0001.jpg"))[::400][:count]
     if paths:

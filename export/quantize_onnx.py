@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.paths import shared_data_dir
+from facewatch.training.paths import shared_data_dir
 
 log = logging.getLogger("facewatch.quantize")
 KINDS = ("detector", "landmarks", "embedder")
@@ -62,8 +62,8 @@ def int8_path(model: Path) -> Path:
 def calibration_images(count: int) -> list[np.ndarray]:
     """Training-side images: half WIDER training events (crowds, small faces), half LFW training
     people (portraits), evenly spaced so every event and many people appear."""
-    from training.lfw import default_images_dir, image_path, list_people, load_split as lfw_split
-    from training.widerface import load_split
+    from facewatch.training.lfw import default_images_dir, image_path, list_people, load_split as lfw_split
+    from facewatch.training.widerface import load_split
 
     root = shared_data_dir() / "widerface" / "images"
     wider = load_split()["train"]
@@ -77,9 +77,9 @@ def calibration_images(count: int) -> list[np.ndarray]:
 
 
 def detector_inputs(model: Path, images: list[np.ndarray]) -> list[np.ndarray]:
-    from stages.face_detector import FaceDetector
+    from facewatch.stages.face_detector import FaceDetector
 
-    from stages.face_detector import letterbox
+    from facewatch.stages.face_detector import letterbox
 
     detector = FaceDetector(model, providers=["CPUExecutionProvider"])
     # square letterbox: the calibrator's histograms want one shape for every input
@@ -88,14 +88,14 @@ def detector_inputs(model: Path, images: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def face_boxes(detector_path: Path, images: list[np.ndarray], landmarks: Path | None = None):
-    from stages.face_detector import FaceDetector
+    from facewatch.stages.face_detector import FaceDetector
 
     detector = FaceDetector(detector_path, providers=["CPUExecutionProvider"], landmarks=landmarks)
     return [(image, det) for image in images for det in detector.detect([image]) if len(det)]
 
 
 def landmark_inputs(model: Path, detector: Path, images: list[np.ndarray]) -> list[np.ndarray]:
-    from stages.face_landmarks import LandmarkModel
+    from facewatch.stages.face_landmarks import LandmarkModel
 
     landmarks = LandmarkModel(model, providers=["CPUExecutionProvider"])
     out = []
@@ -107,8 +107,8 @@ def landmark_inputs(model: Path, detector: Path, images: list[np.ndarray]) -> li
 
 def embedder_inputs(model: Path, detector: Path, landmarks: Path, images: list[np.ndarray]
                     ) -> list[np.ndarray]:
-    from stages.face_crop import crop_faces
-    from stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_crop import crop_faces
+    from facewatch.stages.face_embedder import FaceEmbedder
 
     embedder = FaceEmbedder(model, providers=["CPUExecutionProvider"])
     use_landmarks = landmarks if embedder.crop_spec.alignment != "box" else None
@@ -159,9 +159,9 @@ def quantize(model: Path, out: Path, batches: list[np.ndarray] | None, method: s
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.onnx_metadata import set_metadata
-    from stages.gallery import file_model_id, file_sha256
-    from stages.onnx_session import load_session, metadata
+    from facewatch.export.onnx_metadata import set_metadata
+    from facewatch.stages.gallery import file_model_id, file_sha256
+    from facewatch.stages.onnx_session import load_session, metadata
 
     if not args.model.is_file():
         raise FileNotFoundError(f"model to quantise not found: {args.model}")

@@ -35,10 +35,10 @@ import time
 import cv2
 import numpy as np
 
-from daemon.config import ConfigError
-from stages.messages import EndOfStream, VideoFrame
-from stages.stage import Backoff, Stage
-from stages.transport import Defaults
+from facewatch.daemon.config import ConfigError
+from facewatch.stages.messages import EndOfStream, VideoFrame
+from facewatch.stages.stage import Backoff, Stage
+from facewatch.stages.transport import Defaults
 
 log = logging.getLogger("facewatch.capture")
 MAX_FILE_READ_ERRORS = 30   # undecodable frames in a row before a file counts as ended

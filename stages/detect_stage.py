@@ -16,12 +16,12 @@ import time
 
 import numpy as np
 
-from stages.detections import Detections
-from stages.face_crop import LANDMARK_LAYOUTS, crop_faces
-from stages.messages import FaceCrops, Message, VideoFrame
-from stages.quality import QualityGate, sharpness
-from stages.stage import BatchingStage
-from stages.transport import Defaults
+from facewatch.stages.detections import Detections
+from facewatch.stages.face_crop import LANDMARK_LAYOUTS, crop_faces
+from facewatch.stages.messages import FaceCrops, Message, VideoFrame
+from facewatch.stages.quality import QualityGate, sharpness
+from facewatch.stages.stage import BatchingStage
+from facewatch.stages.transport import Defaults
 
 
 class DetectStage(BatchingStage):
@@ -45,14 +45,14 @@ class DetectStage(BatchingStage):
         return Defaults.FRAME_RCVHWM
 
     def setup(self) -> None:
-        from stages.embedder_info import read_embedder_info
-        from stages.run_state import RunCounters
+        from facewatch.stages.embedder_info import read_embedder_info
+        from facewatch.stages.run_state import RunCounters
 
         self.counters = RunCounters(self.cfg.runtime.dir)
-        from stages.face_detector import detector_from_config
-        from stages.face_landmarks import landmark_model_from_config
-        from stages.precision import record
-        from stages.tracking import tracker_args
+        from facewatch.stages.face_detector import detector_from_config
+        from facewatch.stages.face_landmarks import landmark_model_from_config
+        from facewatch.stages.precision import record
+        from facewatch.stages.tracking import tracker_args
 
         m = self.cfg.models
         info = read_embedder_info(m.embedder)   # crop exactly as the embedder was trained
@@ -77,7 +77,7 @@ class DetectStage(BatchingStage):
 
     def tracker(self, camera: str):
         if camera not in self.trackers:
-            from stages.tracking import CameraTracker
+            from facewatch.stages.tracking import CameraTracker
             self.trackers[camera] = CameraTracker(self.dcfg.tracker, self._tracker_args)
         return self.trackers[camera]
 

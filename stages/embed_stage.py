@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.messages import FaceCrops, FaceEmbeddings, Message
-from stages.embedder_info import EmbedderInfo, read_embedder_info  # noqa: F401  (re-exported)
-from stages.stage import BatchingStage
+from facewatch.stages.messages import FaceCrops, FaceEmbeddings, Message
+from facewatch.stages.embedder_info import EmbedderInfo, read_embedder_info  # noqa: F401  (re-exported)
+from facewatch.stages.stage import BatchingStage
 
 
 @dataclass
@@ -38,8 +38,8 @@ class EmbedStage(BatchingStage):
         self.first_crops = False   # the last chosen faces include a track's first-decision crop
 
     def setup(self) -> None:
-        from stages.face_embedder import embedder_from_config
-        from stages.precision import record
+        from facewatch.stages.face_embedder import embedder_from_config
+        from facewatch.stages.precision import record
 
         m = self.cfg.models
         self.embedder = embedder_from_config(m)

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import ModelError
-from stages.open_set import METADATA_KEY, FarTable
+from facewatch.stages.errors import ModelError
+from facewatch.stages.open_set import METADATA_KEY, FarTable
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class EmbedderInfo:
     def crop_spec(self, size: int | None = None, scale: float | None = None):
         """The crop this embedder wants (stages.face_crop.CropSpec), with the config's overrides
         (None: the model's)."""
-        from stages.face_crop import CropSpec
+        from facewatch.stages.face_crop import CropSpec
 
         return CropSpec(size or self.input_size, self.crop_alignment, scale or self.crop_scale)
 
@@ -137,7 +137,7 @@ def read_embedder_info(path: Path) -> EmbedderInfo:
     if "crop_scale" in meta:
         crop_scale = float(meta["crop_scale"])
     else:
-        from stages.face_crop import DEFAULT_CROP_SCALE
+        from facewatch.stages.face_crop import DEFAULT_CROP_SCALE
 
         crop_scale = DEFAULT_CROP_SCALE
     return EmbedderInfo(int(size), crop_scale,

@@ -17,9 +17,9 @@ import logging
 import cv2
 import numpy as np
 
-from stages.detections import Detections
-from stages.face_landmarks import LandmarkModel
-from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
+from facewatch.stages.detections import Detections
+from facewatch.stages.face_landmarks import LandmarkModel
+from facewatch.stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 log = logging.getLogger("facewatch.detector")
 NUM_LANDMARKS = 5
@@ -181,7 +181,7 @@ def detector_from_config(models) -> FaceDetector:
     """The detector as the daemon runs it from its `models` config section: thresholds, size,
     threads. No landmark model here: the detect stage runs it only on the faces it crops, after
     tracking and the size gate (`stages.face_landmarks.landmark_model_from_config`)."""
-    from stages.precision import choose, load
+    from facewatch.stages.precision import choose, load
 
     choice = choose(models, "detector")   # fp32 or int8 (models.precision)
     detector = load(choice, models.detector, lambda path: FaceDetector(

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
-from stages.gallery import file_model_id
-from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
+from facewatch.stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
+from facewatch.stages.gallery import file_model_id
+from facewatch.stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 
 def _quantized(model_path) -> bool:
-    from stages.embedder_info import read_onnx_metadata
+    from facewatch.stages.embedder_info import read_onnx_metadata
 
     try:
         return "quantization" in read_onnx_metadata(model_path)
@@ -80,7 +80,7 @@ class FaceEmbedder:
 def embedder_from_config(models) -> FaceEmbedder:
     """The embedder as the daemon runs it from its `models` config section: the float file or
     its int8 copy (models.precision, stages.precision), providers, threads."""
-    from stages.precision import choose, load
+    from facewatch.stages.precision import choose, load
 
     choice = choose(models, "embedder")
     embedder = load(choice, models.embedder,

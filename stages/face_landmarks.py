@@ -11,8 +11,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from stages.face_crop import LANDMARK_LAYOUTS, box_crop_matrix
-from stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
+from facewatch.stages.face_crop import LANDMARK_LAYOUTS, box_crop_matrix
+from facewatch.stages.onnx_session import DEFAULT_PROVIDERS, ModelError, load_session, metadata
 
 NUM_LANDMARKS = 5
 
@@ -86,7 +86,7 @@ def landmark_model_from_config(models, crop_alignment: str) -> LandmarkModel | N
     does not align on five points or none is configured."""
     if crop_alignment not in LANDMARK_LAYOUTS or models.landmarks is None:
         return None
-    from stages.precision import choose, load
+    from facewatch.stages.precision import choose, load
 
     choice = choose(models, "landmarks")   # fp32 or int8 (models.precision)
     model = load(choice, models.landmarks, lambda path: LandmarkModel(

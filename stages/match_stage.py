@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from stages.matcher import Decision, Matcher, TrackState
-from stages.messages import FaceEmbeddings, Message, TrackDecision
-from stages.stage import Stage
+from facewatch.stages.matcher import Decision, Matcher, TrackState
+from facewatch.stages.messages import FaceEmbeddings, Message, TrackDecision
+from facewatch.stages.stage import Stage
 
 
 class MatchStage(Stage):
@@ -43,9 +43,9 @@ class MatchStage(Stage):
         self._why = ""
 
     def setup(self) -> None:
-        from stages.embedder_info import read_embedder_info
-        from stages.errors import SetupError
-        from stages.gallery import Gallery, GalleryError, file_model_id
+        from facewatch.stages.embedder_info import read_embedder_info
+        from facewatch.stages.errors import SetupError
+        from facewatch.stages.gallery import Gallery, GalleryError, file_model_id
 
         embedder = self.cfg.models.embedder
         info = read_embedder_info(embedder)
@@ -78,7 +78,7 @@ class MatchStage(Stage):
         self.reload_gallery()
 
     def _operating_point(self, gallery_size: int):
-        from stages.open_set import operating_point
+        from facewatch.stages.open_set import operating_point
 
         return operating_point(self.far_table, self.cfg.match.target_far, gallery_size)
 
@@ -113,7 +113,7 @@ class MatchStage(Stage):
 
     def _reopen(self, identity: tuple[int, int] | None, why: str) -> bool:
         """Close the open file (if any) and open the one at the path now; False if unusable."""
-        from stages.gallery import Gallery, GalleryError
+        from facewatch.stages.gallery import Gallery, GalleryError
 
         path = self.cfg.gallery.path
         if self.gallery is not None:
@@ -136,7 +136,7 @@ class MatchStage(Stage):
         return True
 
     def reload_gallery(self, force: bool = False) -> None:
-        from stages.gallery import GalleryError
+        from facewatch.stages.gallery import GalleryError
 
         identity = self._file_identity()
         if force or identity != self.identity or self.gallery is None:

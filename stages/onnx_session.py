@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from stages.errors import ModelError, SetupError  # noqa: F401  (ModelError re-exported)
+from facewatch.stages.errors import ModelError, SetupError  # noqa: F401  (ModelError re-exported)
 
 log = logging.getLogger("facewatch.onnx")
 

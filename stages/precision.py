@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.errors import SetupError
+from facewatch.stages.errors import SetupError
 
 log = logging.getLogger("facewatch.precision")
 PRECISIONS = ("fp32", "int8")
@@ -54,7 +54,7 @@ class ModelChoice:
 
 
 def _parent_hash(path: Path) -> str | None:
-    from stages.embedder_info import read_onnx_metadata
+    from facewatch.stages.embedder_info import read_onnx_metadata
 
     try:
         raw = read_onnx_metadata(path).get("quantization")
@@ -83,7 +83,7 @@ def choose(models, kind: str) -> ModelChoice:
         return ModelChoice(kind, path, "fp32", provider, f"no int8 copy: {candidate.name} not found")
     parent = _parent_hash(candidate)
     if parent is not None and path.is_file():
-        from stages.gallery import file_sha256
+        from facewatch.stages.gallery import file_sha256
 
         if file_sha256(path)[:16] != parent:
             why = f"{candidate} was quantised from another file than {path}"
@@ -97,7 +97,7 @@ def load(choice: ModelChoice, float_path, loader):
     """`loader(path)` on the chosen file. When an int8 copy cannot be loaded, the float file is
     tried: if it fails too, its own error is raised (it names the configured file: a wrong or
     corrupt model), else the copy's (the copy is the problem)."""
-    from stages.errors import ModelError
+    from facewatch.stages.errors import ModelError
 
     try:
         return loader(choice.path)

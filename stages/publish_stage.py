@@ -16,11 +16,11 @@ import time
 import uuid
 from pathlib import Path
 
-from stages.messages import EVENT_SCHEMA, Message, TrackDecision, event_json, timing_ms
-from stages.run_state import RunCounters
-from stages.stage import Stage
-from stages.errors import SetupError
-from stages.transport import AddressInUse, CurveServer
+from facewatch.stages.messages import EVENT_SCHEMA, Message, TrackDecision, event_json, timing_ms
+from facewatch.stages.run_state import RunCounters
+from facewatch.stages.stage import Stage
+from facewatch.stages.errors import SetupError
+from facewatch.stages.transport import AddressInUse, CurveServer
 
 
 class EventLog:

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from stages.messages import EndOfStream, Message
-from stages.metrics import Metrics
-from stages.transport import ControlClient, Defaults, Endpoints, Receiver, Sender, Transport
+from facewatch.stages.messages import EndOfStream, Message
+from facewatch.stages.metrics import Metrics
+from facewatch.stages.transport import ControlClient, Defaults, Endpoints, Receiver, Sender, Transport
 
 IDLE_POLL_S = 0.2   # longest the loop sleeps in recv when no timer is due
 

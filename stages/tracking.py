@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.detections import Detections
+from facewatch.stages.detections import Detections
 
 TRACKERS = ("bytetrack",)
 FRAME_RATE = 30   # supervision keeps a lost track int(frame_rate / 30 * lost_track_buffer) frames

@@ -28,8 +28,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from stages.errors import SetupError
-from stages.messages import Control, Message, MessageError, SeqTracker, decode, encode
+from facewatch.stages.errors import SetupError
+from facewatch.stages.messages import Control, Message, MessageError, SeqTracker, decode, encode
 
 log = logging.getLogger("facewatch.transport")
 

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from training.paths import shared_data_dir  # noqa: E402
+from facewatch.training.paths import shared_data_dir  # noqa: E402
 
 # $FACEWATCH_MODELS points the tests at models kept elsewhere (e.g. a GPU host's model store)
 MODELS_DIR = Path(os.environ.get("FACEWATCH_MODELS", REPO / "models"))
@@ -93,7 +93,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def wider_val_images(data_dir) -> list[Path]:
     """The first 12 images of our WIDER validation split (detector comparison tests)."""
-    from training.widerface import load_split
+    from facewatch.training.widerface import load_split
 
     root = data_dir / "widerface" / "images"
     return [root / rel for rel in load_split()["val"][:12]]
@@ -189,7 +189,7 @@ def models() -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def gallery_module():
     try:
-        import stages.gallery as gallery
+        import facewatch.stages.gallery as gallery
     except ImportError as exc:
         pytest.skip(f"stages.gallery not available yet: {exc}")
     return gallery
@@ -237,7 +237,7 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "run", "--config", str(config), *args],
+            [sys.executable, "-m", "facewatch.daemon.cli", "run", "--config", str(config), *args],
             cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def status(self) -> dict:

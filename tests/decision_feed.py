@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from conftest import write_config
-from stages.messages import TrackDecision
-from stages.transport import Endpoints, Transport
+from facewatch.stages.messages import TrackDecision
+from facewatch.stages.transport import Endpoints, Transport
 
 PLACEHOLDER_CAMERA = {"name": "door", "uri": "rtsp://127.0.0.1:9/unused"}   # captured elsewhere
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_for
-from daemon.config import parse_config
-from stages.capture import CaptureStage, DropOldestQueue
-from stages.messages import EndOfStream, VideoFrame
-from stages.metrics import Metrics
-from stages.stage import StageContext
-from stages.transport import Defaults, Endpoints, Transport
+from facewatch.daemon.config import parse_config
+from facewatch.stages.capture import CaptureStage, DropOldestQueue
+from facewatch.stages.messages import EndOfStream, VideoFrame
+from facewatch.stages.metrics import Metrics
+from facewatch.stages.stage import StageContext
+from facewatch.stages.transport import Defaults, Endpoints, Transport
 
 
 def sample(metric, **labels) -> float:

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_config
-from daemon import cli
-from stages import errors
+from facewatch.daemon import cli
+from facewatch.stages import errors
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)}, **kw)
 
 
@@ -105,7 +105,7 @@ def test_exit_status_table_matches_the_readme_and_the_unit():
 
 @pytest.fixture
 def big_gallery(tmp_path) -> Path:
-    from stages.gallery import Gallery
+    from facewatch.stages.gallery import Gallery
 
     rng = np.random.default_rng(0)
     path = tmp_path / "g.db"
@@ -118,7 +118,7 @@ def big_gallery(tmp_path) -> Path:
 
 def test_export_into_a_closed_pipe_ends_quietly(big_gallery):
     """`facewatch gallery export | head -c 100`: a BrokenPipeError traceback before."""
-    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "gallery", "--gallery",
+    proc = subprocess.Popen([sys.executable, "-m", "facewatch.daemon.cli", "gallery", "--gallery",
                              str(big_gallery), "export"], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
     head = proc.stdout.read(100)

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from conftest import REPO
-from daemon.config import (ConfigError, FacewatchConfig, config_from_json, config_to_json,
+from facewatch.daemon.config import (ConfigError, FacewatchConfig, config_from_json, config_to_json,
                            load_config, parse_camera_arg, parse_config, redact_uri,
                            with_runtime_dir)
-from stages.transport import Endpoints
+from facewatch.stages.transport import Endpoints
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def validate_cli(path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "validate-config", str(path)],
+    return subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "validate-config", str(path)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
@@ -199,7 +199,7 @@ def test_paths_relative_to_config_and_cli_overrides_relative_to_cwd(tmp_path, mo
     assert cfg.cameras[0].uri == str(sub / "clips" / "a.mp4") and cfg.cameras[0].kind == "file"
     assert cfg.cameras[1].kind == "device" and cfg.cameras[1].uri == "/dev/video2"
     # no model named: the shipped ones, wherever the config file is (issue 13, item 1)
-    from stages.model_files import models_dir
+    from facewatch.stages.model_files import models_dir
     assert cfg.models.detector == models_dir() / "face_detector.onnx" and cfg.models.detector.is_file()
     assert cfg.models.embedder.is_file() and cfg.models.landmarks.is_file()
     named = write(sub, "cameras:\n  - name: a\n    uri: a.mp4\nmodels:\n  detector: m/d.onnx\n")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.detection_metrics import average_precision, evaluate, iou_matrix
-from training.wider_gt import read_wider_gt
+from facewatch.training.detection_metrics import average_precision, evaluate, iou_matrix
+from facewatch.training.wider_gt import read_wider_gt
 
 B = np.array
 

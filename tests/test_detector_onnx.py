@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from stages.face_detector import FaceDetector
-from stages.onnx_session import ModelError
-from training.detection_metrics import iou_matrix
+from facewatch.stages.face_detector import FaceDetector
+from facewatch.stages.onnx_session import ModelError
+from facewatch.training.detection_metrics import iou_matrix
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "face_detector.onnx"
@@ -25,7 +25,7 @@ def wider_images(wider_val_images):
 
 @needs_model
 def test_onnxruntime_matches_ultralytics_predict(wider_images):
-    from training.ultralytics_env import configure_offline
+    from facewatch.training.ultralytics_env import configure_offline
 
     configure_offline()
     from ultralytics import YOLO

@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from stages.face_detector import FaceDetector
-from stages.onnx_session import ModelError
-from training.detection_metrics import iou_matrix
+from facewatch.stages.face_detector import FaceDetector
+from facewatch.stages.onnx_session import ModelError
+from facewatch.training.detection_metrics import iou_matrix
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("FACEWATCH_MODELS", REPO / "models"))
@@ -29,7 +29,7 @@ def wider_images(wider_val_images):
 
 @needs_pose
 def test_landmarks_match_ultralytics_predict(wider_images):
-    from training.ultralytics_env import configure_offline
+    from facewatch.training.ultralytics_env import configure_offline
 
     configure_offline()
     from ultralytics import YOLO

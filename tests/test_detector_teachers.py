@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from training.detection_metrics import iou_matrix
-from training.wheel_models import CENTERFACE, NUDENET_320N, WheelModel, wheel_model_path
+from facewatch.training.detection_metrics import iou_matrix
+from facewatch.training.wheel_models import CENTERFACE, NUDENET_320N, WheelModel, wheel_model_path
 
 
 def _wheel(model):
@@ -25,7 +25,7 @@ def _wheel(model):
 
 @pytest.fixture(scope="module")
 def wider_images(data_dir):
-    from training.widerface import load_split
+    from facewatch.training.widerface import load_split
 
     root = data_dir / "widerface" / "images"
     train = load_split()["train"]
@@ -41,9 +41,9 @@ def test_nudenet_converts_to_the_same_network_then_one_face_class(wider_images):
     import onnxruntime as ort
     import torch
 
-    from training.nudenet_init import (face_class_indices, load_folded, one_class_model, onnx_weights,
+    from facewatch.training.nudenet_init import (face_class_indices, load_folded, one_class_model, onnx_weights,
                                        reestimate_batchnorm, to_input)
-    from training.ultralytics_env import configure_offline
+    from facewatch.training.ultralytics_env import configure_offline
 
     path = _wheel(NUDENET_320N)
     configure_offline()
@@ -87,8 +87,8 @@ def test_nudenet_converts_to_the_same_network_then_one_face_class(wider_images):
 
 
 def test_centerface_teacher_finds_the_annotated_faces(data_dir):
-    from training.centerface_teacher import BoxCalibration, CenterFaceTeacher, fit_calibration, matched_pairs
-    from training.wider_gt import read_wider_gt
+    from facewatch.training.centerface_teacher import BoxCalibration, CenterFaceTeacher, fit_calibration, matched_pairs
+    from facewatch.training.wider_gt import read_wider_gt
 
     _wheel(CENTERFACE)
     root = data_dir / "widerface"
@@ -116,7 +116,7 @@ def test_centerface_teacher_finds_the_annotated_faces(data_dir):
 
 
 def test_labelling_policy_leaves_out_images_with_unsure_faces():
-    from training.pseudo_labels import decide, yolo_rows
+    from facewatch.training.pseudo_labels import decide, yolo_rows
 
     keep, why = decide(np.array([0.9, 0.2]), np.array([80.0, 30.0]), 0.6, 0.3, 12)
     assert why == "kept" and keep.tolist() == [True, False]
@@ -133,7 +133,7 @@ def test_label_faces_writes_a_dataset_ultralytics_reads(data_dir, runs, tmp_path
     import subprocess
     import sys
 
-    from training.train_detector import add_pseudo_sources
+    from facewatch.training.train_detector import add_pseudo_sources
 
     _wheel(CENTERFACE)
     photos = tmp_path / "photos"
@@ -143,7 +143,7 @@ def test_label_faces_writes_a_dataset_ultralytics_reads(data_dir, runs, tmp_path
         first = sorted(person.glob("*.jpg"))[0]
         (photos / first.name).symlink_to(first)
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "label-faces", "--source", str(photos),
+    out = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "label-faces", "--source", str(photos),
                           "--name", "few"], capture_output=True, text=True, timeout=600,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
     assert out.returncode == 0, out.stderr[-2000:]
@@ -161,7 +161,7 @@ def test_label_faces_writes_a_dataset_ultralytics_reads(data_dir, runs, tmp_path
     # a rerun replaces the derived folder: a label left by an earlier run does not survive
     stale = runs / "detector/pseudo/few/labels/stale__image.txt"
     stale.write_text("0 0.5 0.5 0.2 0.2\n")
-    again = subprocess.run([sys.executable, "-m", "daemon.cli", "label-faces", "--source", str(photos),
+    again = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "label-faces", "--source", str(photos),
                             "--name", "few"], capture_output=True, text=True, timeout=600,
                            cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
     assert again.returncode == 0, again.stderr[-2000:]
@@ -176,7 +176,7 @@ def test_label_faces_writes_a_dataset_ultralytics_reads(data_dir, runs, tmp_path
 
 
 def test_photo_check_counts_one_box_on_the_central_face():
-    from training.photo_check import central_face
+    from facewatch.training.photo_check import central_face
 
     boxes = np.array([[0, 0, 40, 40], [80, 70, 170, 190], [200, 10, 240, 60]], np.float32)
     assert central_face(boxes, np.array([0.99, 0.9, 0.95]), (250, 250)).tolist() == [80, 70, 170, 190]

@@ -10,8 +10,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from stages.face_detector import FaceDetector
-from training.widerface import check_images
+from facewatch.stages.face_detector import FaceDetector
+from facewatch.training.widerface import check_images
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def test_corrupt_images_and_labels_are_skipped_and_named(tiny_wider):
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "train-detector", "--data",
+    out = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "train-detector", "--data",
                           str(tmp_path / "nowhere")], cwd=REPO, capture_output=True, text=True,
                          timeout=120, env={"FACEWATCH_RUNS": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 2
@@ -61,7 +61,7 @@ def test_train_one_epoch_then_resume_then_export(tiny_wider, tmp_path):
     root, split = tiny_wider
     env = {"FACEWATCH_RUNS": str(tmp_path / "runs"), "PATH": "/usr/bin:/bin",
            "YOLO_CONFIG_DIR": str(tmp_path / "yolo")}
-    common = [sys.executable, "-m", "daemon.cli", "train-detector", "--data", str(root), "--split",
+    common = [sys.executable, "-m", "facewatch.daemon.cli", "train-detector", "--data", str(root), "--split",
               str(split), "--imgsz", "64", "--batch", "4", "--workers", "0", "--name", "tiny"]
     out = subprocess.run(common + ["--epochs", "1"], cwd=REPO, capture_output=True, text=True,
                          timeout=300, env=env)
@@ -76,7 +76,7 @@ def test_train_one_epoch_then_resume_then_export(tiny_wider, tmp_path):
     assert out.returncode == 2 and "no checkpoint at" in out.stderr
 
     onnx_path = tmp_path / "tiny.onnx"
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "export-detector", "--weights",
+    out = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "export-detector", "--weights",
                           str(weights / "best.pt"), "--out", str(onnx_path), "--imgsz", "64",
                           "--no-eval"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -91,7 +91,7 @@ def _untrained_box_checkpoint(path):
     """A one-class YOLOv8n box checkpoint as ultralytics saves it (untrained: seconds, not hours)."""
     import yaml
 
-    from training.ultralytics_env import configure_offline
+    from facewatch.training.ultralytics_env import configure_offline
 
     configure_offline()
     from ultralytics import YOLO
@@ -109,7 +109,7 @@ def _untrained_box_checkpoint(path):
 def test_pose_model_starts_from_the_box_checkpoint(tmp_path):
     import torch
 
-    from training.train_detector import pose_model_yaml
+    from facewatch.training.train_detector import pose_model_yaml
 
     box = _untrained_box_checkpoint(tmp_path / "box.pt")
     from ultralytics import YOLO
@@ -133,7 +133,7 @@ def test_train_pose_one_epoch_then_export(tiny_wider, tmp_path):
     box = _untrained_box_checkpoint(tmp_path / "box.pt")
     env = {"FACEWATCH_RUNS": str(tmp_path / "runs"), "PATH": "/usr/bin:/bin",
            "YOLO_CONFIG_DIR": str(tmp_path / "yolo")}
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "train-detector", "--pose", "--init",
+    out = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "train-detector", "--pose", "--init",
                           str(box), "--data", str(root), "--split", str(split), "--imgsz", "64",
                           "--batch", "4", "--workers", "0", "--epochs", "1", "--name", "tinypose"],
                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
@@ -144,7 +144,7 @@ def test_train_pose_one_epoch_then_export(tiny_wider, tmp_path):
     assert "kpt_shape: [5, 3]" in (run / "dataset/widerface-pose.yaml").read_text()
 
     onnx_path = tmp_path / "tinypose.onnx"
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "export-detector", "--weights",
+    out = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "export-detector", "--weights",
                           str(run / "weights/best.pt"), "--out", str(onnx_path), "--imgsz", "64",
                           "--no-eval"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from stages.face_crop import crop_face
-from stages.onnx_session import ModelError
-from training.lfw import default_images_dir
-from training.paths import REPO_ROOT
+from facewatch.stages.face_crop import crop_face
+from facewatch.stages.onnx_session import ModelError
+from facewatch.training.lfw import default_images_dir
+from facewatch.training.paths import REPO_ROOT
 
 LFW = default_images_dir()
 COMMITTED_MODEL = REPO_ROOT / "models" / "face_embedder.onnx"
@@ -19,7 +19,7 @@ def lfw_crops(count: int = 6) -> np.ndarray:
     """BGR crops of real LFW faces, as the daemon makes them (crop_face on a face box)."""
     if not LFW.is_dir():
         pytest.skip(f"LFW images not found at {LFW} (set FACEWATCH_DATA to the shared data folder)")
-    from training.embedder_data import centre_box, read_image
+    from facewatch.training.embedder_data import centre_box, read_image
 
     paths = sorted(LFW.glob("*/*_0001.jpg"))[::700][:count]
     frames = [read_image(p) for p in paths]
@@ -31,8 +31,8 @@ def exported(tmp_path_factory):
     """A random-init micro model saved as .keras and exported with its metadata."""
     import keras
 
-    from export.embedder_onnx import export_embedder
-    from training.embedder_model import build_embedder
+    from facewatch.export.embedder_onnx import export_embedder
+    from facewatch.training.embedder_model import build_embedder
 
     keras.utils.set_random_seed(0)
     tmp = tmp_path_factory.mktemp("embedder")
@@ -69,7 +69,7 @@ def test_onnx_matches_keras_on_real_crops(exported):
 
 
 def test_face_embedder_reads_metadata_and_returns_unit_vectors(exported):
-    from stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_embedder import FaceEmbedder
 
     _, onnx_path, _ = exported
     embedder = FaceEmbedder(onnx_path, providers=("CPUExecutionProvider",))
@@ -85,8 +85,8 @@ def test_face_embedder_reads_metadata_and_returns_unit_vectors(exported):
 
 
 def test_export_refuses_a_model_that_does_not_match(exported):
-    from export.keras_onnx import ExportError, verify
-    from training.embedder_model import build_embedder
+    from facewatch.export.keras_onnx import ExportError, verify
+    from facewatch.training.embedder_model import build_embedder
 
     _, onnx_path, _ = exported
     other = build_embedder("micro", embedding_size=32)  # different random weights
@@ -98,7 +98,7 @@ def test_garbage_and_foreign_onnx_files_are_refused_by_name(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_embedder import FaceEmbedder
 
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model at all")
@@ -121,7 +121,7 @@ def test_garbage_and_foreign_onnx_files_are_refused_by_name(tmp_path):
 
 
 def test_export_command_reports_a_missing_checkpoint(tmp_path):
-    from daemon.cli import main
+    from facewatch.daemon.cli import main
 
     assert main(["export-embedder", "--model", str(tmp_path / "nope.keras"),
                  "--out", str(tmp_path / "x.onnx")]) == 2
@@ -133,7 +133,7 @@ def test_committed_model_accuracy_on_validation_pairs(capsys):
     """Regression gate: the committed embedder on 600 of the fixed validation pairs."""
     if not LFW.is_dir():
         pytest.skip(f"LFW images not found at {LFW}")
-    from daemon.cli import main
+    from facewatch.daemon.cli import main
 
     assert main(["evaluate-embedder", "--model", str(COMMITTED_MODEL), "--max-pairs", "600",
                  "--images", str(LFW)]) == 0
@@ -146,9 +146,9 @@ def test_committed_model_accuracy_on_validation_pairs(capsys):
 def test_export_writes_the_impostor_far_table(exported):
     """export-embedder measures the open-set table of what it exported (runtime path, validation
     pairs) and writes it into the file's metadata, where the daemon's match.target_far reads it."""
-    from export.embedder_onnx import measure_open_set
-    from stages.embed_stage import read_embedder_info
-    from training.lfw import default_images_dir
+    from facewatch.export.embedder_onnx import measure_open_set
+    from facewatch.stages.embed_stage import read_embedder_info
+    from facewatch.training.lfw import default_images_dir
 
     if not default_images_dir().is_dir():
         pytest.skip(f"LFW not found at {default_images_dir()}")

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from training.embedder_losses import (ArcMarginHead, contrastive_loss, distillation_loss,
+from facewatch.training.embedder_losses import (ArcMarginHead, contrastive_loss, distillation_loss,
                                      triplet_loss)
-from training.lfw import SPLIT_FILE, VAL_PAIRS_FILE, default_images_dir, read_pairs
+from facewatch.training.lfw import SPLIT_FILE, VAL_PAIRS_FILE, default_images_dir, read_pairs
 
 LFW = default_images_dir()
 needs_lfw = pytest.mark.skipif(not LFW.is_dir(), reason=f"LFW images not found at {LFW} "
@@ -85,7 +85,7 @@ def test_distillation_loss_matches_numpy_and_is_zero_on_the_teacher():
 
 
 def test_recorded_split_is_people_disjoint_and_reproducible(data_dir):  # skips without LFW
-    from training.lfw import build_split, list_people
+    from facewatch.training.lfw import build_split, list_people
 
     split = json.loads(SPLIT_FILE.read_text())
     rebuilt = build_split(LFW)
@@ -102,8 +102,8 @@ def test_recorded_split_is_people_disjoint_and_reproducible(data_dir):  # skips 
 
 
 def train(*extra: str):
-    from daemon.cli import build_parser
-    from training.train_embedder import train as train_run
+    from facewatch.daemon.cli import build_parser
+    from facewatch.training.train_embedder import train as train_run
 
     argv = ["train-embedder", "--backbone", "micro", "--epochs", "1", "--steps-per-epoch", "2",
             "--batch", "16", "--max-people", "12", "--val-pairs", "100", "--embedding-size", "16",
@@ -146,7 +146,7 @@ def test_committed_checkpoint_resumes_a_run_on_a_fresh_machine(runs, tmp_path):
     fresh clone) --resume restarts from it at the next epoch with the same weights."""
     import shutil
 
-    from training.train_embedder import COMMITTED_WEIGHTS
+    from facewatch.training.train_embedder import COMMITTED_WEIGHTS
 
     committed = tmp_path / "checkpoints" / "run-committed"
     run_dir = train("--out", "run-committed", "--checkpoint-dir", str(committed))
@@ -190,7 +190,7 @@ def test_aligned_run_with_the_dlib_teacher(runs):
 @needs_lfw
 def test_arcface_aligned_run_on_yunet_landmarks(runs):
     """The teacher's geometry: YuNet's five points in our detector's boxes, the ArcFace template."""
-    from training.wheel_models import YUNET, wheel_model_path
+    from facewatch.training.wheel_models import YUNET, wheel_model_path
 
     try:
         wheel_model_path(YUNET)
@@ -210,7 +210,7 @@ def test_sface_teacher_run_with_a_folder_of_unlabelled_faces(runs, tmp_path):
     """SFace targets on ArcFace-aligned crops, plus faces of a plain folder of photos."""
     import shutil
 
-    from training.wheel_models import SFACE, wheel_model_path
+    from facewatch.training.wheel_models import SFACE, wheel_model_path
 
     try:
         wheel_model_path(SFACE)

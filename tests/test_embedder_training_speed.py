@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from training.lfw import default_images_dir
+from facewatch.training.lfw import default_images_dir
 
 LFW = default_images_dir()
 needs_lfw = pytest.mark.skipif(not LFW.is_dir(), reason=f"LFW images not found at {LFW} "
@@ -19,8 +19,8 @@ needs_lfw = pytest.mark.skipif(not LFW.is_dir(), reason=f"LFW images not found a
 
 
 def train(*extra: str):
-    from daemon.cli import build_parser
-    from training.train_embedder import train as train_run
+    from facewatch.daemon.cli import build_parser
+    from facewatch.training.train_embedder import train as train_run
 
     # box crops: no landmark model or teacher cache needed, the detector's boxes only
     argv = ["train-embedder", "--backbone", "micro", "--epochs", "1", "--steps-per-epoch", "2",
@@ -33,10 +33,10 @@ def train(*extra: str):
 def test_input_size_96_reaches_the_crops_the_network_and_the_exported_file(runs, tmp_path):
     import onnx
 
-    from export.embedder_onnx import export_embedder, load_keras_embedder
-    from stages.face_crop import ARCFACE_TEMPLATE, CropSpec, alignment_matrix, crop_faces
-    from stages.face_embedder import FaceEmbedder
-    from training.embedder_data import centre_box, read_image
+    from facewatch.export.embedder_onnx import export_embedder, load_keras_embedder
+    from facewatch.stages.face_crop import ARCFACE_TEMPLATE, CropSpec, alignment_matrix, crop_faces
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.training.embedder_data import centre_box, read_image
 
     run_dir = train("--input-size", "96", "--out", "run-96")
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -12,12 +12,12 @@ import cv2
 import numpy as np
 import pytest
 
-from daemon.enrollment import (MAX_IMAGE_PIXELS, MIN_SHARPNESS, EnrollmentError, detect_faces,
+from facewatch.daemon.enrollment import (MAX_IMAGE_PIXELS, MIN_SHARPNESS, EnrollmentError, detect_faces,
                                enroll_images, face_sample, load_image, prepare, sharpness)
-from stages.detections import Detections
-from stages.face_crop import DEFAULT_CROP_SIZE
-from stages.face_crop import CropSpec as FaceCropSpec
-from stages.gallery import Gallery, file_model_id
+from facewatch.stages.detections import Detections
+from facewatch.stages.face_crop import DEFAULT_CROP_SIZE
+from facewatch.stages.face_crop import CropSpec as FaceCropSpec
+from facewatch.stages.gallery import Gallery, file_model_id
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("FACEWATCH_DATA", ROOT.parent / "shared" / "data"))
@@ -171,9 +171,9 @@ def test_the_dominant_face_is_taken_and_ambiguity_names_the_faces():
 
 @pytest.fixture(scope="module")
 def models():
-    from stages.face_detector import FaceDetector
-    from stages.face_embedder import FaceEmbedder
-    from stages.face_landmarks import landmarks_to_run
+    from facewatch.stages.face_detector import FaceDetector
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_landmarks import landmarks_to_run
     cpu = ("CPUExecutionProvider",)
     embedder = FaceEmbedder(EMBEDDER, providers=cpu)
     landmarks = landmarks_to_run(embedder.crop_spec.alignment, DETECTOR.parent / "face_landmarks.onnx")
@@ -276,12 +276,12 @@ def test_bad_photo_enrolls_nothing(tmp_path, models, make, message):
 def test_enroll_command(tmp_path):
     gallery = tmp_path / "new" / "g.db"
     bad = noise(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "daemon.cli", "enroll", "--cpu", "--gallery", str(gallery),
+    r = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "enroll", "--cpu", "--gallery", str(gallery),
                         "--name", "obama", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and f"no face found in {bad}" in r.stderr
     assert not gallery.exists()  # a failed first enrollment creates nothing
     photos = [str(p) for p in sorted((KNN / "train" / "obama").glob("*"))]
-    r = subprocess.run([sys.executable, "-m", "daemon.cli", "enroll", "--cpu", "--gallery", str(gallery),
+    r = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "enroll", "--cpu", "--gallery", str(gallery),
                         "--name", "obama", *photos], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"enrolled obama (person 1): {len(photos)} new embeddings" in r.stdout

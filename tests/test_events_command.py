@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from stages.messages import EVENT_SCHEMA, event_json
+from facewatch.stages.messages import EVENT_SCHEMA, event_json
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN_TIMEOUT_MS = 60_000  # the subprocess imports numpy and pyzmq on a busy 2-core machine
@@ -53,7 +53,7 @@ def interactive_signals() -> None:
 
 
 def start(endpoint: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "daemon.cli", "events", "--endpoint", endpoint, *args],
+    return subprocess.Popen([sys.executable, "-m", "facewatch.daemon.cli", "events", "--endpoint", endpoint, *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=interactive_signals)
 

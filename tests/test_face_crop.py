@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.face_crop import (FIVE_POINT_TEMPLATE, CropSpec, box_landmarks, crop_faces,
+from facewatch.stages.face_crop import (FIVE_POINT_TEMPLATE, CropSpec, box_landmarks, crop_faces,
                               landmarks_plausible)
 
 

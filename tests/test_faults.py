@@ -26,8 +26,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from conftest import REPO, make_face_video, wait_for
 from decision_feed import DecisionFeed, decision, publish_only_config
-from stages.errors import EXIT_CAMERAS_FAILED, EXIT_SETUP
-from stages.messages import parse_event
+from facewatch.stages.errors import EXIT_CAMERAS_FAILED, EXIT_SETUP
+from facewatch.stages.messages import parse_event
 from test_pipeline import (capture_only_config, metric, pipeline_config, scrape,  # noqa: F401
                            sink)   # sink: a fixture
 
@@ -166,7 +166,7 @@ def small_video(tmp_path_factory) -> Path:
 
 def run_daemon_expecting_failure(config: Path, timeout: float) -> tuple[int, str, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--config", str(config)],
+    proc = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "run", "--config", str(config)],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started
 

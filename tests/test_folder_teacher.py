@@ -11,14 +11,14 @@ import shutil
 import numpy as np
 import pytest
 
-from training import folder_teacher
+from facewatch.training import folder_teacher
 
 
 @pytest.fixture(scope="module")
 def photos(data_dir, tmp_path_factory):
     """Six real LFW photos in a folder of their own (two in a subfolder)."""
     try:
-        from training.wheel_models import SFACE, wheel_model_path
+        from facewatch.training.wheel_models import SFACE, wheel_model_path
 
         wheel_model_path(SFACE)
     except FileNotFoundError as exc:

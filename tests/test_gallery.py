@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.gallery import (APPLICATION_ID, Gallery, GalleryError, GallerySnapshot, SCHEMA_VERSION,
+from facewatch.stages.gallery import (APPLICATION_ID, Gallery, GalleryError, GallerySnapshot, SCHEMA_VERSION,
                             file_model_id)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def mode(path: Path) -> int:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -194,7 +194,7 @@ def test_file_model_id(tmp_path):
 # A writer that enrolls person i with K vectors derived from i, printing i once committed.
 WRITER = """
 import sys, numpy as np
-from stages.gallery import Gallery
+from facewatch.stages.gallery import Gallery
 K, D = int(sys.argv[2]), int(sys.argv[3])
 print("opening", flush=True)
 g = Gallery(sys.argv[1])

@@ -25,8 +25,8 @@ import zmq
 
 from conftest import EMBEDDER, REPO, wait_for
 from decision_feed import DecisionFeed, decision, publish_only_config
-from stages.messages import FaceEmbeddings, parse_event
-from stages.transport import Endpoints, Transport
+from facewatch.stages.messages import FaceEmbeddings, parse_event
+from facewatch.stages.transport import Endpoints, Transport
 from test_pipeline import metric, scrape, sink  # noqa: F401  (sink: a fixture)
 
 
@@ -262,7 +262,7 @@ def decided(sub: EventSubscriber, track_id: int) -> dict:
 
 
 def enroll_cli(gallery: Path, name: str, photo: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "enroll", "--gallery", str(gallery),
+    proc = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "enroll", "--gallery", str(gallery),
                            "--name", name, "--cpu", str(photo)], cwd=REPO, capture_output=True,
                           text=True, timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -282,7 +282,7 @@ def test_replaced_gallery_is_noticed_and_reloaded(leftovers, models, knn_dir, sh
     Meanwhile the daemon matches with the last good gallery; the missing file is logged once and
     exported; the new file is picked up by its new inode and the old person is gone. Nothing is
     restarted, nothing logged as malformed, no event lost."""
-    from stages.gallery import Gallery, file_model_id
+    from facewatch.stages.gallery import Gallery, file_model_id
 
     config = match_config(short_dir)
     cfg = yaml.safe_load(config.read_text())
@@ -351,7 +351,7 @@ def test_replaced_gallery_is_noticed_and_reloaded(leftovers, models, knn_dir, sh
 @pytest.mark.timeout(180)
 def test_sighup_reloads_the_gallery(models, short_dir, daemons, subscribers, gallery_module):
     """Polling is off (an hour): a gallery moved into place is used after SIGHUP, at once."""
-    from stages.gallery import Gallery, file_model_id
+    from facewatch.stages.gallery import Gallery, file_model_id
 
     config = match_config(short_dir, gallery={"poll_interval_s": 3600})
     cfg = yaml.safe_load(config.read_text())
@@ -418,7 +418,7 @@ def read_only_folder(tmp_path):
 
 
 def test_read_only_gallery_is_named_as_such(read_only_folder, gallery_module):
-    from stages.gallery import Gallery, GalleryError
+    from facewatch.stages.gallery import Gallery, GalleryError
 
     folder, make_read_only = read_only_folder
     path = folder / "gallery.db"
@@ -428,7 +428,7 @@ def test_read_only_gallery_is_named_as_such(read_only_folder, gallery_module):
     with pytest.raises(GalleryError, match=f"gallery {path} is read-only") as err:
         Gallery(path, create=False)
     assert "not a facewatch gallery" not in str(err.value)
-    proc = subprocess.run([sys.executable, "-m", "daemon.cli", "gallery", "--gallery", str(path),
+    proc = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "gallery", "--gallery", str(path),
                            "list"], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode != 0
@@ -439,7 +439,7 @@ def test_read_only_gallery_is_named_as_such(read_only_folder, gallery_module):
 @pytest.mark.parametrize("mode", [0o444, 0o644, 0o660])
 def test_enrolling_into_a_too_open_gallery_makes_it_owner_only(mode, models, knn_dir, tmp_path,
                                                               gallery_module):
-    from stages.gallery import Gallery
+    from facewatch.stages.gallery import Gallery
 
     path = tmp_path / "gallery.db"
     Gallery(path).close()
@@ -501,7 +501,7 @@ def listener() -> tuple[object, int]:
 def run_cli(*args: str, timeout: float = 90) -> tuple[int, str, float]:
     started = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=REPO,
+        proc = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", *args], cwd=REPO,
                               capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     except subprocess.TimeoutExpired as exc:
@@ -526,13 +526,13 @@ def test_taken_event_port_fails_fast_naming_it(short_dir):
 def test_publish_stage_on_a_taken_port_exits_78(short_dir):
     """The stage itself (its port taken after the supervisor's check, e.g. on a restart):
     exit 78, so the supervisor stops instead of restarting it."""
-    from stages.errors import EXIT_SETUP
+    from facewatch.stages.errors import EXIT_SETUP
 
     sock, port = listener()
     with sock:
         endpoint = f"tcp://127.0.0.1:{port}"
         config = publish_only_config(short_dir, publish={"endpoint": endpoint})
-        proc = subprocess.run([sys.executable, "-m", "daemon.worker", "--stage", "publish",
+        proc = subprocess.run([sys.executable, "-m", "facewatch.daemon.worker", "--stage", "publish",
                                "--config", str(config)], cwd=REPO, capture_output=True, text=True,
                               timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == EXIT_SETUP, proc.stderr
@@ -617,7 +617,7 @@ def test_track_ids_are_never_reused_across_detect_restarts(models, short_video, 
     of the video: the second pass's tracks get new ids, never the first pass's."""
     import cv2
     from conftest import write_config
-    from stages.messages import FaceCrops, VideoFrame
+    from facewatch.stages.messages import FaceCrops, VideoFrame
 
     run = short_dir / "run"
     config = write_config(short_dir / "config.yaml", [{"name": "door",
@@ -716,8 +716,8 @@ def psutil_alive(pid: int) -> bool:
 @pytest.mark.timeout(120)
 def test_daemon_with_a_read_only_gallery_stops_naming_it(models, read_only_folder, short_dir):
     """Not a match stage restarting forever: one line naming the gallery, exit 78."""
-    from stages.errors import EXIT_SETUP
-    from stages.gallery import Gallery
+    from facewatch.stages.errors import EXIT_SETUP
+    from facewatch.stages.gallery import Gallery
 
     folder, make_read_only = read_only_folder
     path = folder / "gallery.db"

@@ -54,6 +54,8 @@ def installed(tmp_path_factory) -> Path:
        cwd=tmp)
     (wheel,) = wheels.glob("facewatch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if n.endswith(".py")}
+    assert tops == {"facewatch"}, f"top-level modules besides facewatch: {sorted(tops)}"
     for model in ("face_detector.onnx", "face_embedder.onnx", "face_landmarks.onnx"):
         assert any(n.endswith(f".data/data/share/facewatch/models/{model}") for n in names), names
     venv = tmp / "venv"
@@ -76,6 +78,12 @@ def test_runtime_install_is_lean(installed):
                 "('torch', 'tensorflow', 'keras', 'ultralytics', 'tf2onnx', 'dlib') "
                 "if u.find_spec(m)]))"], cwd=installed)
     assert json.loads(probe.stdout) == [], probe.stdout
+    # Our modules live under one namespace: nothing of ours may shadow another distribution's
+    # module (`daemon` is python-daemon's).
+    ours = sh([py, "-c", "import importlib.util as u, json; print(json.dumps([m for m in "
+               "('daemon', 'stages', 'export', 'training') if u.find_spec(m)]))"], cwd=installed)
+    assert json.loads(ours.stdout) == [], ours.stdout
+    sh([py, "-c", "import facewatch.stages.gallery, facewatch.daemon.cli"], cwd=installed)
     size = sum(f.stat().st_size for f in installed.rglob("*") if f.is_file() and not f.is_symlink())
     assert size < RUNTIME_LIMIT_BYTES, f"{size / 2**20:.0f} MiB"
     cv2 = sh([py, "-c", "import cv2, importlib.metadata as m; print(cv2.__file__); "

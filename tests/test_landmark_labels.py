@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from training.landmark_metrics import inter_ocular, landmark_nme, match_faces, summarise_nme
-from training.widerface_landmarks import MIN_FACE_PX, pose_label_rows, visibility
+from facewatch.training.landmark_metrics import inter_ocular, landmark_nme, match_faces, summarise_nme
+from facewatch.training.widerface_landmarks import MIN_FACE_PX, pose_label_rows, visibility
 
 # A frontal face in a 100 px box at (100, 100): dlib's order (image-right eye first), nose below.
 FACE_BOX = np.array([100, 100, 200, 200], np.float32)
@@ -78,7 +78,7 @@ def test_pose_label_rows_are_normalised_and_hide_unusable_points():
 
 def test_dlib_pseudo_labels_on_real_images(data_dir, tmp_path, monkeypatch):
     pytest.importorskip("dlib")
-    from training.widerface_landmarks import load_landmark_labels, write_pose_dataset
+    from facewatch.training.widerface_landmarks import load_landmark_labels, write_pose_dataset
 
     src = data_dir / "widerface"
     root = tmp_path / "wider"

@@ -12,13 +12,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from stages.face_crop import box_landmarks
-from stages.face_landmarks import LandmarkModel, landmarks_to_run
-from stages.onnx_session import ModelError
-from training.landmark_data import (FLIP_INDEX, augment_geometry, augment_pixels, context_patches,
+from facewatch.stages.face_crop import box_landmarks
+from facewatch.stages.face_landmarks import LandmarkModel, landmarks_to_run
+from facewatch.stages.onnx_session import ModelError
+from facewatch.training.landmark_data import (FLIP_INDEX, augment_geometry, augment_pixels, context_patches,
                                     runtime_crops)
-from training.landmark_metrics import landmark_nme
-from training.lfw import default_images_dir, image_path, list_people, load_split
+from facewatch.training.landmark_metrics import landmark_nme
+from facewatch.training.lfw import default_images_dir, image_path, list_people, load_split
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("FACEWATCH_MODELS", REPO / "models"))
@@ -150,9 +150,9 @@ def test_a_missing_file_names_itself(tmp_path):
 def val_faces():
     """Validation people's photos, our detector's boxes (the landmark model's input) and dlib's
     points inside them (the labels), as training made them."""
-    dlib_teacher = pytest.importorskip("training.dlib_teacher")
+    dlib_teacher = pytest.importorskip("facewatch.training.dlib_teacher")
     pytest.importorskip("dlib", reason="the teacher extra (dlib-bin) is not installed")
-    from stages.face_detector import FaceDetector
+    from facewatch.stages.face_detector import FaceDetector
 
     people = list_people(LFW)
     names = sorted(load_split(LFW)["val_people"])[::6][:30]
@@ -190,7 +190,7 @@ def _eye_angle(points: np.ndarray) -> float:
 def test_committed_model_follows_head_roll(val_faces):
     """Rolled faces (the frame rotated by +-20 degrees): the predicted eye line turns with them.
     The box prior, which knows only the box, stays level; alignment needs this."""
-    from stages.face_detector import FaceDetector
+    from facewatch.stages.face_detector import FaceDetector
 
     model = LandmarkModel(LANDMARKS, ["CPUExecutionProvider"])
     detector = FaceDetector(DETECTOR, ["CPUExecutionProvider"], imgsz=160)
@@ -217,7 +217,7 @@ def test_train_export_and_run(tmp_path, monkeypatch, data_dir):
     """`train-landmarks` on a few people and WIDER images (dlib labels computed on the way),
     `export-landmarks` (refused unless onnxruntime reproduces Keras), then the daemon's loader."""
     pytest.importorskip("dlib", reason="the teacher extra (dlib-bin) is not installed")
-    from daemon.cli import main
+    from facewatch.daemon.cli import main
 
     monkeypatch.setenv("FACEWATCH_RUNS", str(tmp_path / "runs"))
     code = main(["train-landmarks", "--max-people", "6", "--max-wider-images", "6", "--epochs", "2",
@@ -242,9 +242,9 @@ def test_the_daemon_loads_the_configured_model_only_for_aligning_embedders(tmp_p
     """`models.landmarks` in a real config file, relative to it; the landmark model the daemon
     builds from it places points near dlib's on the daemon detector's boxes for a five-point
     embedder, and nothing is loaded for a box-crop one."""
-    from daemon.config import load_config
-    from stages.face_detector import detector_from_config
-    from stages.face_landmarks import landmark_model_from_config
+    from facewatch.daemon.config import load_config
+    from facewatch.stages.face_detector import detector_from_config
+    from facewatch.stages.face_landmarks import landmark_model_from_config
 
     (tmp_path / "m").symlink_to(MODELS.resolve(), target_is_directory=True)
     config = tmp_path / "config.yaml"

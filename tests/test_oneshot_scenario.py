@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from training.lfw import default_images_dir
-from training.oneshot_scenario import (CANVAS, FPS, QUICK, Appearance, Person, iou,
+from facewatch.training.lfw import default_images_dir
+from facewatch.training.oneshot_scenario import (CANVAS, FPS, QUICK, Appearance, Person, iou,
                                        plan_appearances, score)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,14 +98,14 @@ def test_plan_is_deterministic_inside_the_frame_and_never_overlaps():
 @pytest.mark.slow
 @pytest.mark.skipif(not LFW.is_dir(), reason=f"LFW images not found at {LFW}")
 def test_quick_scenario_scores_the_real_daemon(models, tmp_path):
-    from stages.embed_stage import read_embedder_info
+    from facewatch.stages.embed_stage import read_embedder_info
 
     detector, embedder = models
     # Six people enrolled: the small-gallery operating point (the model's default threshold is
     # its FAR 1e-3 point, for large galleries; models/README.md).
     info = read_embedder_info(embedder)
     proc = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "evaluate-oneshot", "--quick", "--workdir",
+        [sys.executable, "-m", "facewatch.daemon.cli", "evaluate-oneshot", "--quick", "--workdir",
          str(tmp_path), "--detector", str(detector), "--embedder", str(embedder),
          "--landmarks", str(Path(detector).parent / "face_landmarks.onnx"),
          "--threshold", str(info.pair_accuracy_threshold or info.threshold)],

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import EMBEDDER, read_jsonl, write_config
-from stages.open_set import FarTable, operating_point, pair_far_for
+from facewatch.stages.open_set import FarTable, operating_point, pair_far_for
 
 
 def test_far_table_from_impostor_scores():
@@ -46,7 +46,7 @@ def test_threshold_follows_gallery_size_and_target():
 
 def test_shipped_embedder_carries_its_impostor_distribution():
     """Measured through the runtime path on the validation pairs (evaluate-embedder)."""
-    from stages.embed_stage import read_embedder_info
+    from facewatch.stages.embed_stage import read_embedder_info
 
     info = read_embedder_info(EMBEDDER)
     table = info.far_table
@@ -57,7 +57,7 @@ def test_shipped_embedder_carries_its_impostor_distribution():
 
 
 def test_match_config_takes_a_target_far_and_keeps_a_raw_override(tmp_path):
-    from daemon.config import load_config
+    from facewatch.daemon.config import load_config
 
     cfg = load_config(write_config(tmp_path / "c.yaml", [{"name": "a", "uri": "a.mp4"}]))
     assert cfg.match.target_far == 0.01 and cfg.match.threshold is None

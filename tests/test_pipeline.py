@@ -20,13 +20,13 @@ import yaml
 import zmq
 
 from conftest import FaceVideo, read_jsonl, wait_for, write_config
-from stages.matcher import Matcher
-from stages.messages import (EVENT_SCHEMA, Control, EndOfStream, FaceCrops, FaceEmbeddings,
+from facewatch.stages.matcher import Matcher
+from facewatch.stages.messages import (EVENT_SCHEMA, Control, EndOfStream, FaceCrops, FaceEmbeddings,
                              MessageError, SeqTracker, TrackDecision, VideoFrame, decode, encode,
                              event_json, parse_event)
-from stages.publish_stage import EventLog
-from stages.quality import QualityGate, sharpness
-from stages.transport import Defaults, Endpoints, Transport
+from facewatch.stages.publish_stage import EventLog
+from facewatch.stages.quality import QualityGate, sharpness
+from facewatch.stages.transport import Defaults, Endpoints, Transport
 
 
 def scrape(port: int) -> dict[tuple, float]:
@@ -266,9 +266,9 @@ def test_quality_gate():
 
 
 def test_tracker_keeps_ids_and_reports_ended_tracks():
-    from daemon.config import DetectConfig
-    from stages.detections import Detections
-    from stages.tracking import CameraTracker, tracker_args
+    from facewatch.daemon.config import DetectConfig
+    from facewatch.stages.detections import Detections
+    from facewatch.stages.tracking import CameraTracker, tracker_args
 
     cfg = DetectConfig(track_buffer=3)
     for kind in ("bytetrack",):
@@ -433,11 +433,11 @@ def subscriber():
 
 
 def enroll_people(gallery: Path, train_dir: Path, detector: Path, embedder: Path) -> list[str]:
-    from daemon.enrollment import EnrollmentError, enroll_images
-    from stages.face_detector import FaceDetector
-    from stages.face_embedder import FaceEmbedder
-    from stages.face_landmarks import landmarks_to_run
-    from stages.gallery import Gallery
+    from facewatch.daemon.enrollment import EnrollmentError, enroll_images
+    from facewatch.stages.face_detector import FaceDetector
+    from facewatch.stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_landmarks import landmarks_to_run
+    from facewatch.stages.gallery import Gallery
 
     emb = FaceEmbedder(embedder, ["CPUExecutionProvider"], threads=1)
     # as the daemon's detect stage: landmarks for an embedder that aligns on them

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import MODELS_DIR, REPO, wait_for, write_config
-from daemon.config import ConfigError, parse_config
-from stages.errors import SetupError
-from stages.precision import choose, int8_sibling
+from facewatch.daemon.config import ConfigError, parse_config
+from facewatch.stages.errors import SetupError
+from facewatch.stages.precision import choose, int8_sibling
 from test_pipeline import metric, scrape
 
 LANDMARKS = MODELS_DIR / "face_landmarks.onnx"
@@ -68,7 +68,7 @@ def test_validate_config_names_a_missing_int8_file(tmp_path):
     missing = tmp_path / "nowhere" / "face_embedder.int8.onnx"
     config = write_config(tmp_path / "config.yaml", [{"name": "c", "uri": "/dev/video0"}],
                           models={"embedder_int8": str(missing)})
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "validate-config", str(config)],
+    result = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "validate-config", str(config)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     out = result.stdout + result.stderr
     assert result.returncode == 78, out
@@ -104,8 +104,8 @@ def test_a_copy_without_its_sibling_runs_fp32(tmp_path):
 
 
 def test_a_corrupt_int8_copy_is_named_and_a_wrong_model_still_names_the_configured_file(tmp_path):
-    from stages.errors import ModelError
-    from stages.face_landmarks import landmark_model_from_config
+    from facewatch.stages.errors import ModelError
+    from facewatch.stages.face_landmarks import landmark_model_from_config
 
     (tmp_path / "face_landmarks.onnx").symlink_to(LANDMARKS)
     (tmp_path / "face_landmarks.int8.onnx").write_bytes(b"not an onnx file")

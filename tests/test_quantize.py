@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from conftest import DETECTOR, EMBEDDER, MODELS_DIR, REPO
-from stages.face_crop import crop_faces
-from stages.face_detector import FaceDetector
-from stages.face_embedder import FaceEmbedder
-from stages.face_landmarks import LandmarkModel
+from facewatch.stages.face_crop import crop_faces
+from facewatch.stages.face_detector import FaceDetector
+from facewatch.stages.face_embedder import FaceEmbedder
+from facewatch.stages.face_landmarks import LandmarkModel
 
 LANDMARKS = MODELS_DIR / "face_landmarks.onnx"
 
 
 def _quantize(kind: str, model, out, *extra) -> None:
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "quantize-model", "--kind", kind,
+    result = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "quantize-model", "--kind", kind,
                              "--model", str(model), "--out", str(out), "--detector", str(DETECTOR),
                              "--landmarks", str(LANDMARKS), *extra], cwd=REPO, capture_output=True,
                             text=True, timeout=600)
@@ -30,7 +30,7 @@ def _quantize(kind: str, model, out, *extra) -> None:
 @pytest.fixture(scope="module")
 def val_faces(data_dir):
     """Validation people's photos (never calibration images) with boxes from the shipped detector."""
-    from training.photo_check import lfw_val_images
+    from facewatch.training.photo_check import lfw_val_images
 
     detector = FaceDetector(DETECTOR, providers=["CPUExecutionProvider"], imgsz=160)
     faces = []
@@ -70,7 +70,7 @@ def test_int8_landmarks_and_embedder_agree_with_float(val_faces, tmp_path):
 
 
 def test_missing_model_is_named(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "quantize-model", "--kind", "embedder",
+    result = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "quantize-model", "--kind", "embedder",
                              "--model", str(tmp_path / "nope.onnx")], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0 and "nope.onnx" in result.stderr
@@ -79,7 +79,7 @@ def test_missing_model_is_named(tmp_path):
 def test_unloadable_model_is_named(tmp_path):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not an onnx file")
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "quantize-model", "--kind", "embedder",
+    result = subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", "quantize-model", "--kind", "embedder",
                              "--model", str(garbage)], cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0 and "garbage.onnx" in result.stderr

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import wait_for, write_config
-from daemon.sdnotify import Notifier
+from facewatch.daemon.sdnotify import Notifier
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def unit_directives(path) -> dict[str, list[str]]:
 
 def test_systemd_unit(tmp_path):
     from conftest import REPO
-    from daemon.config import SupervisorConfig
+    from facewatch.daemon.config import SupervisorConfig
 
     unit = REPO / "systemd" / "facewatch.service"
     d = unit_directives(unit)

@@ -21,9 +21,9 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from conftest import REPO, free_port, read_jsonl, wait_for, write_config
-from daemon.config import is_loopback_endpoint, parse_config
+from facewatch.daemon.config import is_loopback_endpoint, parse_config
 from decision_feed import DecisionFeed, decision, publish_only_config
-from stages.publish_stage import EventLog
+from facewatch.stages.publish_stage import EventLog
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
 
@@ -33,7 +33,7 @@ def mode(path: Path) -> int:
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "facewatch.daemon.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -170,7 +170,7 @@ def test_curve_events_reach_only_curve_subscribers(short_dir, daemons, only_know
             "--count", str(wanted), "--timeout", "120"]
     if only_known_clients:
         args += ["--client-key", str(keys / "alice.key_secret")]
-    events_proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", *args], cwd=REPO,
+    events_proc = subprocess.Popen([sys.executable, "-m", "facewatch.daemon.cli", *args], cwd=REPO,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     feed = DecisionFeed(short_dir / "run")
     try:

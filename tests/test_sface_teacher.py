@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.face_crop import (ARCFACE_TEMPLATE, CropSpec, alignment_matrix, box_landmarks,
+from facewatch.stages.face_crop import (ARCFACE_TEMPLATE, CropSpec, alignment_matrix, box_landmarks,
                               crop_faces, landmarks_plausible)
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    from training.sface_teacher import SFaceTeacher
+    from facewatch.training.sface_teacher import SFaceTeacher
 
     try:
         return SFaceTeacher()
@@ -31,7 +31,7 @@ def lfw(data_dir):
 
 
 def _pairs(count: int):
-    from training.lfw import VAL_PAIRS_FILE, read_pairs
+    from facewatch.training.lfw import VAL_PAIRS_FILE, read_pairs
 
     pairs, _ = read_pairs(VAL_PAIRS_FILE)
     same = [p for p in pairs if p.same][:count]
@@ -40,7 +40,7 @@ def _pairs(count: int):
 
 
 def test_same_person_scores_above_different_people(teacher, lfw):
-    from training.lfw import image_path
+    from facewatch.training.lfw import image_path
 
     same, different = _pairs(4)
     vectors = {}
@@ -116,7 +116,7 @@ def test_face_in_box_finds_the_boxed_face(teacher, lfw):
 def test_yunet_landmark_labels_on_real_wider_images(teacher, data_dir, tmp_path, monkeypatch):
     import shutil
 
-    from training.widerface_landmarks import load_landmark_labels
+    from facewatch.training.widerface_landmarks import load_landmark_labels
 
     src = data_dir / "widerface"
     root = tmp_path / "wider"
@@ -139,7 +139,7 @@ def test_yunet_landmark_labels_on_real_wider_images(teacher, data_dir, tmp_path,
 
 
 def test_mirroring_keeps_the_arcface_order():
-    from training.landmark_data import FLIP_INDEX_OF, augment_geometry
+    from facewatch.training.landmark_data import FLIP_INDEX_OF, augment_geometry
 
     patch = np.zeros((128, 128, 3), np.uint8)
     box = np.array([34, 34, 94, 94], np.float32)
@@ -155,7 +155,7 @@ def test_mirroring_keeps_the_arcface_order():
 def test_train_embedder_refuses_points_in_the_wrong_layout():
     import argparse
 
-    from training.train_embedder import _check_landmarks
+    from facewatch.training.train_embedder import _check_landmarks
 
     _check_landmarks(argparse.Namespace(alignment="arcface_five_point", landmarks="yunet"))
     _check_landmarks(argparse.Namespace(alignment="box", landmarks="dlib"))

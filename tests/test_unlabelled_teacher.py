@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from training.embedder_data import DEFAULT_DETECTOR as DETECTOR
-from training.embedder_losses import ArcMarginHead, arcface_loss, distillation_loss
-from training.lfw import default_images_dir
-from training.paths import shared_data_dir
-from training.unlabelled_teacher import default_video, default_widerface_dir
+from facewatch.training.embedder_data import DEFAULT_DETECTOR as DETECTOR
+from facewatch.training.embedder_losses import ArcMarginHead, arcface_loss, distillation_loss
+from facewatch.training.lfw import default_images_dir
+from facewatch.training.paths import shared_data_dir
+from facewatch.training.unlabelled_teacher import default_video, default_widerface_dir
 
 LFW, WIDER, VIDEO = default_images_dir(), default_widerface_dir(), default_video()
 needs_data = pytest.mark.skipif(
@@ -49,7 +49,7 @@ def test_arcface_ignores_rows_labelled_minus_one():
 
 
 def test_trainer_loss_is_arcface_on_labelled_rows_plus_distillation_on_all():
-    from training.embedder_model import EmbedderTrainer, build_embedder
+    from facewatch.training.embedder_model import EmbedderTrainer, build_embedder
 
     rng = np.random.default_rng(1)
     trainer = EmbedderTrainer(build_embedder("micro", 16), "arcface", 4, distill_weight=2.0,
@@ -64,7 +64,7 @@ def test_trainer_loss_is_arcface_on_labelled_rows_plus_distillation_on_all():
 
 
 def test_epochs_cap_the_share_of_unlabelled_faces():
-    from training.embedder_data import ShuffledBatches
+    from facewatch.training.embedder_data import ShuffledBatches
 
     labels = np.concatenate([np.repeat(np.arange(30), 4), np.full(200, -1)])
     crops = np.zeros((len(labels), 8, 8, 3), np.uint8)
@@ -90,7 +90,7 @@ def faces(runs):
         pytest.skip(f"shared data not found under {shared_data_dir()} (set FACEWATCH_DATA)")
     if not DETECTOR.is_file():
         pytest.skip(f"face detector not trained yet: {DETECTOR}")
-    from training.unlabelled_teacher import load_unlabelled_faces
+    from facewatch.training.unlabelled_teacher import load_unlabelled_faces
 
     # The same settings as the training test below, so the run reuses this cache.
     return load_unlabelled_faces(max_images=MAX_IMAGES, max_frames=MAX_FRAMES,
@@ -100,8 +100,8 @@ def faces(runs):
 def test_cache_holds_every_wider_face_at_least_48_px_tall_and_only_those(faces):
     from PIL import Image
 
-    from training.unlabelled_teacher import widerface_images
-    from training.widerface_landmarks import read_yolo_boxes
+    from facewatch.training.unlabelled_teacher import widerface_images
+    from facewatch.training.widerface_landmarks import read_yolo_boxes
 
     expected, small = {}, 0
     for rel in widerface_images(WIDER, MAX_IMAGES):
@@ -137,8 +137,8 @@ def test_cache_holds_the_clips_tracked_faces(faces):
 
 
 def test_cache_rows_are_dlibs_own_vectors_and_reload(faces):
-    from training.dlib_teacher import DlibTeacher
-    from training.unlabelled_teacher import load_unlabelled_faces
+    from facewatch.training.dlib_teacher import DlibTeacher
+    from facewatch.training.unlabelled_teacher import load_unlabelled_faces
 
     assert faces.embeddings.shape == (len(faces), 128) and faces.landmarks.shape == (len(faces), 5, 2)
     np.testing.assert_allclose(np.linalg.norm(faces.embeddings, axis=1), 1.0, atol=1e-4)
@@ -160,8 +160,8 @@ def test_cache_rows_are_dlibs_own_vectors_and_reload(faces):
 
 
 def test_unlabelled_crops_are_crop_faces_on_dlibs_landmarks(faces):
-    from stages.face_crop import CropSpec, crop_faces
-    from training.embedder_data import load_unlabelled_crops
+    from facewatch.stages.face_crop import CropSpec, crop_faces
+    from facewatch.training.embedder_data import load_unlabelled_crops
 
     spec = CropSpec(alignment="five_point")
     crops, aligned = load_unlabelled_crops(faces, spec)
@@ -174,8 +174,8 @@ def test_unlabelled_crops_are_crop_faces_on_dlibs_landmarks(faces):
 
 # ---------------------------------------------------------------------------- training
 def train(*extra: str):
-    from daemon.cli import build_parser
-    from training.train_embedder import train as train_run
+    from facewatch.daemon.cli import build_parser
+    from facewatch.training.train_embedder import train as train_run
 
     argv = ["train-embedder", "--backbone", "micro", "--epochs", "1", "--steps-per-epoch", "2",
             "--batch", "16", "--max-people", "12", "--val-pairs", "100", "--embedding-size", "128",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.verification_metrics import (accuracy_at, best_threshold, kfold_accuracy, roc_auc,
+from facewatch.training.verification_metrics import (accuracy_at, best_threshold, kfold_accuracy, roc_auc,
                                            roc_curve, tar_at_far, verification_report)
 
 

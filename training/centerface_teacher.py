@@ -18,8 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.detection_metrics import iou_matrix
-from training.wheel_models import CENTERFACE, wheel_model_path
+from facewatch.training.detection_metrics import iou_matrix
+from facewatch.training.wheel_models import CENTERFACE, wheel_model_path
 
 NMS_IOU = 0.3
 STRIDE = 4

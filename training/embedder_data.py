@@ -21,10 +21,10 @@ import cv2
 import keras
 import numpy as np
 
-from stages.face_crop import CropSpec, crop_faces
-from stages.gallery import file_sha256
-from training.lfw import image_path
-from training.paths import REPO_ROOT, runs_dir
+from facewatch.stages.face_crop import CropSpec, crop_faces
+from facewatch.stages.gallery import file_sha256
+from facewatch.training.lfw import image_path
+from facewatch.training.paths import REPO_ROOT, runs_dir
 
 log = logging.getLogger("facewatch.embedder_data")
 
@@ -66,7 +66,7 @@ class FaceBoxer:
         self.detector = None
         self.detector_path = detector_path
         if detector_path is not None and Path(detector_path).is_file():
-            from stages.face_detector import FaceDetector
+            from facewatch.stages.face_detector import FaceDetector
 
             self.detector = FaceDetector(detector_path, providers=("CPUExecutionProvider",),
                                          conf_threshold=conf_threshold, imgsz=imgsz,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers, ops
 
-from training.embedder_losses import (LOSSES, ArcMarginHead, arcface_loss, contrastive_loss,
+from facewatch.training.embedder_losses import (LOSSES, ArcMarginHead, arcface_loss, contrastive_loss,
                                       distillation_loss,
                                       triplet_loss)
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.face_detector import FaceDetector
-from training.detection_metrics import evaluate
-from training.landmark_metrics import landmark_nme, match_faces, summarise_nme
-from training.wider_gt import read_wider_gt
+from facewatch.stages.face_detector import FaceDetector
+from facewatch.training.detection_metrics import evaluate
+from facewatch.training.landmark_metrics import landmark_nme, match_faces, summarise_nme
+from facewatch.training.wider_gt import read_wider_gt
 
 LARGE_FACE_PX = 32
 SMALL_FACE_PX = 16  # the small band scored on its own: 16 <= height < 32 px
@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def landmark_labels(root: Path):
     """The cached dlib pseudo-labels of the committed split (train and val) under `root`."""
-    from training.widerface import load_split
-    from training.widerface_landmarks import load_landmark_labels
+    from facewatch.training.widerface import load_split
+    from facewatch.training.widerface_landmarks import load_landmark_labels
 
     split = load_split()
     return load_landmark_labels(root, split["train"] + split["val"])
@@ -68,7 +68,7 @@ def landmark_labels(root: Path):
 def landmark_errors(det, labels, image: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """NME of the model's landmarks and NME of the box prior over this image's matched faces
     with visible labels, those faces' heights, and the heights of all its visible labelled faces."""
-    from stages.face_crop import box_landmarks
+    from facewatch.stages.face_crop import box_landmarks
 
     gt_boxes, gt_points, gt_visible = labels.image(image)
     pairs = [(d, g) for d, g in match_faces(det.boxes, det.scores, gt_boxes) if gt_visible[g]]
@@ -139,7 +139,7 @@ def landmark_summary(has_landmarks: bool, nme, nme_prior, matched_heights, label
 def select_records(gt: Path, split: str, limit: int | None):
     records = read_wider_gt(gt)
     if split != "all":
-        from training.widerface import load_split
+        from facewatch.training.widerface import load_split
 
         wanted = set(load_split()[split])
         records = [r for r in records if r.image in wanted]
@@ -148,9 +148,9 @@ def select_records(gt: Path, split: str, limit: int | None):
 
 def run_photo_check(args: argparse.Namespace, imgsz: int) -> dict:
     """The photo check at the daemon's confidence (training/photo_check.py)."""
-    from daemon.config import ModelsConfig
-    from training.paths import runs_dir
-    from training.photo_check import lfw_val_images, photo_check
+    from facewatch.daemon.config import ModelsConfig
+    from facewatch.training.paths import runs_dir
+    from facewatch.training.photo_check import lfw_val_images, photo_check
 
     conf = args.photo_conf if args.photo_conf is not None else ModelsConfig.model_fields["detector_conf"].default
     detector = FaceDetector(args.model, providers=args.providers, conf_threshold=conf, imgsz=imgsz)

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
-from training.embedder_data import DEFAULT_DETECTOR, DETECTOR_IMGSZ, FaceBoxer, crop_images
-from training.lfw import Pair, image_path, read_pairs
-from training.verification_metrics import save_roc_png, verification_report
+from facewatch.stages.face_crop import DEFAULT_CROP_SCALE, CropSpec
+from facewatch.training.embedder_data import DEFAULT_DETECTOR, DETECTOR_IMGSZ, FaceBoxer, crop_images
+from facewatch.training.lfw import Pair, image_path, read_pairs
+from facewatch.training.verification_metrics import save_roc_png, verification_report
 
 log = logging.getLogger("facewatch.evaluate_embedder")
 
@@ -44,7 +44,7 @@ class KerasEmbedder:
         if isinstance(model, (str, Path)):
             import keras
 
-            import training.embedder_model  # noqa: F401  registers the custom layers
+            import facewatch.training.embedder_model  # noqa: F401  registers the custom layers
 
             path = Path(model)
             if not path.is_file():
@@ -86,7 +86,7 @@ def embed_images(embedder, keys: list[tuple[str, int]], crops: np.ndarray,
 
 def impostor_table(keys: list[tuple[str, int]], embeddings: dict, source: str):
     """stages.open_set.FarTable of every cross-identity pair of these images."""
-    from stages.open_set import FarTable
+    from facewatch.stages.open_set import FarTable
 
     names = np.array([k[0] for k in keys])
     emb = np.stack([embeddings[k] for k in keys]).astype(np.float32)
@@ -134,13 +134,13 @@ def load_embedder(path: Path, flip_average: bool | None = None):
         embedder.crop_spec = CropSpec(embedder.input_size, info.get("crop_alignment", "box"),
                                       float(info.get("crop_scale", DEFAULT_CROP_SCALE)))
         return embedder
-    from stages.face_embedder import FaceEmbedder
+    from facewatch.stages.face_embedder import FaceEmbedder
 
     return FaceEmbedder(path, providers=("CPUExecutionProvider",), flip_average=flip_average)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.lfw import VAL_PAIRS_FILE, default_images_dir
+    from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir
 
     parser.add_argument("--model", type=Path, required=True, help=".onnx export or .keras checkpoint")
     parser.add_argument("--pairs", type=Path, default=VAL_PAIRS_FILE,
@@ -169,8 +169,8 @@ METADATA_KEY_TEXT = "impostor_far_table"
 
 def write_far_table(model: Path, table) -> None:
     """Into the ONNX embedder's metadata (export.onnx_metadata), where the daemon reads it."""
-    from export.onnx_metadata import set_metadata
-    from stages.open_set import METADATA_KEY
+    from facewatch.export.onnx_metadata import set_metadata
+    from facewatch.stages.open_set import METADATA_KEY
 
     if Path(model).suffix != ".onnx":
         raise ValueError(f"--write-metadata needs the exported .onnx model, got {model}")
@@ -185,7 +185,7 @@ def subset_pairs(pairs: list[Pair], folds: list[int], count: int) -> tuple[list[
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.lfw import default_images_dir
+    from facewatch.training.lfw import default_images_dir
 
     images = Path(args.images or default_images_dir())
     if not images.is_dir():
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     detector = args.detector if args.detector and Path(args.detector).is_file() else None
     if args.detector and detector is None:
         log.warning("detector %s not found: cropping with the fixed centre box", args.detector)
-    from stages.face_landmarks import landmarks_to_run
+    from facewatch.stages.face_landmarks import landmarks_to_run
 
     landmarks = None if str(args.landmarks).lower() == "none" else Path(args.landmarks)
     boxer = FaceBoxer(detector, args.detector_imgsz,

@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.paths import runs_dir
+from facewatch.training.paths import runs_dir
 
 log = logging.getLogger("facewatch.folder_teacher")
 
@@ -75,8 +75,8 @@ def spread(items: list, count: int | None) -> list:
 
 
 def cache_folder(folder: Path, teacher: str, cache_root: Path | None = None) -> Path:
-    from stages.gallery import file_sha256
-    from training.wheel_models import SFACE, YUNET, wheel_model_path
+    from facewatch.stages.gallery import file_sha256
+    from facewatch.training.wheel_models import SFACE, YUNET, wheel_model_path
 
     models = {"yunet": file_sha256(wheel_model_path(YUNET))}
     if uses(teacher, "sface"):
@@ -108,11 +108,11 @@ _WORKER: dict = {}
 def _teachers(teacher: str):
     """The process's teacher objects, made once per worker."""
     if teacher not in _WORKER:
-        from training.sface_teacher import SFaceTeacher
+        from facewatch.training.sface_teacher import SFaceTeacher
 
         dlib = None
         if uses(teacher, "dlib"):
-            from training.dlib_teacher import DlibTeacher
+            from facewatch.training.dlib_teacher import DlibTeacher
 
             dlib = DlibTeacher()
         _WORKER[teacher] = (SFaceTeacher(embeddings=uses(teacher, "sface")), dlib)
@@ -121,9 +121,9 @@ def _teachers(teacher: str):
 
 def describe_photo(image_bgr: np.ndarray, sface, dlib, teacher: str) -> dict:
     """One photo's row (every field but `paths`)."""
-    from stages.face_crop import box_landmarks, landmarks_plausible
-    from training.dlib_teacher import TEACHER_DIM
-    from training.sface_teacher import SFACE_DIM, plausible
+    from facewatch.stages.face_crop import box_landmarks, landmarks_plausible
+    from facewatch.training.dlib_teacher import TEACHER_DIM
+    from facewatch.training.sface_teacher import SFACE_DIM, plausible
 
     face = sface.central_face(image_bgr)
     if face is None:

@@ -25,7 +25,7 @@ import cv2
 import keras
 import numpy as np
 
-from stages.face_crop import ARCFACE_FLIP_INDEX, box_crop_matrix, landmarks_plausible
+from facewatch.stages.face_crop import ARCFACE_FLIP_INDEX, box_crop_matrix, landmarks_plausible
 
 CONTEXT_SIZE = 128
 CONTEXT_SCALE = 2.2
@@ -94,11 +94,11 @@ def lfw_yunet_labels(images_dir: Path, people: dict[str, list[int]], detector: P
     import json
     import time
 
-    from stages.gallery import file_sha256
-    from training.embedder_data import DETECTOR_IMGSZ, FaceBoxer, read_image
-    from training.lfw import image_path
-    from training.paths import runs_dir
-    from training.sface_teacher import SFaceTeacher
+    from facewatch.stages.gallery import file_sha256
+    from facewatch.training.embedder_data import DETECTOR_IMGSZ, FaceBoxer, read_image
+    from facewatch.training.lfw import image_path
+    from facewatch.training.paths import runs_dir
+    from facewatch.training.sface_teacher import SFaceTeacher
 
     keys = sorted((n, i) for n, idx in people.items() for i in idx)
     has_detector = detector is not None and Path(detector).is_file()
@@ -135,9 +135,9 @@ def lfw_faces(images_dir: Path, detector: Path, max_people: int | None = None,
               labels: str = "dlib") -> tuple[LandmarkFaces, LandmarkFaces]:
     """(train, val) LFW faces from the teacher cache (dlib) or YuNet's labels, split by person
     (`max_people` of each side, spread over the alphabet, for tests)."""
-    from training.embedder_data import read_image
-    from training.lfw import image_path, load_split
-    from training.teacher_cache import load_teacher_cache, training_people
+    from facewatch.training.embedder_data import read_image
+    from facewatch.training.lfw import image_path, load_split
+    from facewatch.training.teacher_cache import load_teacher_cache, training_people
 
     if labels not in LABELS:
         raise ValueError(f"landmark labels must be one of {tuple(LABELS)}, got {labels!r}")
@@ -173,8 +173,8 @@ def wider_faces(root: Path, min_px: float = MIN_WIDER_PX, max_images: int | None
                 labels: str = "dlib") -> tuple[LandmarkFaces, LandmarkFaces]:
     """(train, val) WIDER faces with visible pseudo-labels (dlib's or YuNet's), by the detector's
     event split (`max_images` of each side, for tests)."""
-    from training.widerface import load_split
-    from training.widerface_landmarks import load_landmark_labels
+    from facewatch.training.widerface import load_split
+    from facewatch.training.widerface_landmarks import load_landmark_labels
 
     split = load_split()
     if max_images:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.detection_metrics import iou_matrix
+from facewatch.training.detection_metrics import iou_matrix
 
 NME_GOOD = 0.1  # the usual "failure" threshold of inter-ocular NME
 

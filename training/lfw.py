@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.paths import SPLITS_DIR, require_dir, shared_data_dir
+from facewatch.training.paths import SPLITS_DIR, require_dir, shared_data_dir
 
 SPLIT_FILE = SPLITS_DIR / "lfw_split.json"
 VAL_PAIRS_FILE = SPLITS_DIR / "lfw_val_pairs.txt"

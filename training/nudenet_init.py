@@ -25,8 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.ultralytics_env import configure_offline
-from training.wheel_models import NUDENET_320N, wheel_model_path
+from facewatch.training.ultralytics_env import configure_offline
+from facewatch.training.wheel_models import NUDENET_320N, wheel_model_path
 
 log = logging.getLogger("facewatch.nudenet_init")
 FACE_CLASSES = ("FACE_FEMALE", "FACE_MALE")
@@ -93,7 +93,7 @@ def load_folded(weights: dict[str, np.ndarray]):
 
 def to_input(images: list[np.ndarray], size: int) -> np.ndarray:
     """BGR images -> RGB NCHW 0..1, letterboxed with ultralytics' centred grey (as it trained)."""
-    from stages.face_detector import letterbox
+    from facewatch.stages.face_detector import letterbox
 
     return cv2.dnn.blobFromImages([letterbox(i, size)[0] for i in images], 1 / 255.0, swapRB=True)
 

@@ -34,9 +34,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.gallery import file_sha256
-from training.lfw import default_images_dir, image_path, list_people, load_split
-from training.paths import REPO_ROOT, runs_dir
+from facewatch.stages.gallery import file_sha256
+from facewatch.training.lfw import default_images_dir, image_path, list_people, load_split
+from facewatch.training.paths import REPO_ROOT, runs_dir
 
 MODELS_DIR = REPO_ROOT / "models"
 
@@ -138,8 +138,8 @@ def enroll_people(gallery_path: Path, candidates: list[str], n_enrolled: int, im
                   embedder) -> tuple[list[Person], int]:
     """Enroll candidates one photo each through daemon.enrollment until `n_enrolled` are in.
     Returns the enrolled people and how many photos enrollment refused on the way."""
-    from daemon.enrollment import EnrollmentError, enroll_images
-    from stages.gallery import Gallery
+    from facewatch.daemon.enrollment import EnrollmentError, enroll_images
+    from facewatch.stages.gallery import Gallery
 
     enrolled: list[Person] = []
     refused = 0
@@ -342,7 +342,7 @@ def read_events(path: Path) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from daemon.file_run import file_config, load_models, run_daemon
+    from facewatch.daemon.file_run import file_config, load_models, run_daemon
 
     preset = QUICK if args.quick else DEFAULTS
     sizes = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in DEFAULTS}

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.detection_metrics import iou_matrix
+from facewatch.training.detection_metrics import iou_matrix
 
 log = logging.getLogger("facewatch.photo_check")
 TEACHER_MIN_SCORE = 0.5
@@ -36,7 +36,7 @@ def central_face(boxes: np.ndarray, scores: np.ndarray, shape: tuple[int, int]) 
 
 
 def lfw_val_images() -> list[Path]:
-    from training.lfw import default_images_dir, image_path, list_people, load_split
+    from facewatch.training.lfw import default_images_dir, image_path, list_people, load_split
 
     images_dir = default_images_dir()
     people = list_people(images_dir)
@@ -49,8 +49,8 @@ def teacher_boxes(images: list[Path], cache: Path) -> dict[str, list[float] | No
     known = json.loads(cache.read_text()) if cache.is_file() else {}
     todo = [p for p in images if f"{p.parent.name}/{p.name}" not in known]
     if todo:
-        from training.centerface_teacher import CenterFaceTeacher
-        from training.pseudo_labels import calibration
+        from facewatch.training.centerface_teacher import CenterFaceTeacher
+        from facewatch.training.pseudo_labels import calibration
 
         teacher = CenterFaceTeacher(calibration=calibration())
         for path in todo:

@@ -30,8 +30,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.centerface_teacher import BoxCalibration, CenterFaceTeacher, fit_calibration, matched_pairs
-from training.paths import SPLITS_DIR, require_dir, runs_dir, shared_data_dir
+from facewatch.training.centerface_teacher import BoxCalibration, CenterFaceTeacher, fit_calibration, matched_pairs
+from facewatch.training.paths import SPLITS_DIR, require_dir, runs_dir, shared_data_dir
 
 log = logging.getLogger("facewatch.label_faces")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -70,8 +70,8 @@ def calibration(path: Path | None = None, images: int = 400) -> BoxCalibration:
     path = path or CALIBRATION_FILE
     if path.is_file():
         return BoxCalibration.load(path)
-    from training.wider_gt import read_wider_gt
-    from training.widerface import load_split
+    from facewatch.training.wider_gt import read_wider_gt
+    from facewatch.training.widerface import load_split
 
     root = shared_data_dir() / "widerface"
     train = set(load_split()["train"])
@@ -92,7 +92,7 @@ def calibration(path: Path | None = None, images: int = 400) -> BoxCalibration:
 
 
 def lfw_training_images() -> list[Path]:
-    from training.lfw import default_images_dir, image_path, is_val_person, list_people
+    from facewatch.training.lfw import default_images_dir, image_path, is_val_person, list_people
 
     images_dir = default_images_dir()
     return [image_path(images_dir, name, i) for name, indices in list_people(images_dir).items()

@@ -25,8 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stages.face_crop import ARCFACE_TEMPLATE, align_face, landmarks_plausible
-from training.wheel_models import SFACE, YUNET, wheel_model_path
+from facewatch.stages.face_crop import ARCFACE_TEMPLATE, align_face, landmarks_plausible
+from facewatch.training.wheel_models import SFACE, YUNET, wheel_model_path
 
 SFACE_DIM = 128
 SFACE_SIZE = 112

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training import folder_teacher, unlabelled_teacher
-from training.paths import runs_dir
+from facewatch.training import folder_teacher, unlabelled_teacher
+from facewatch.training.paths import runs_dir
 
 log = logging.getLogger("facewatch.teacher_cache")
 
@@ -55,8 +55,8 @@ def centred(vectors: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
 
 
 def _cache_folder(images_dir: Path, keys: list, detector: Path | None) -> Path:
-    from stages.gallery import file_sha256
-    from training.embedder_data import DETECTOR_IMGSZ
+    from facewatch.stages.gallery import file_sha256
+    from facewatch.training.embedder_data import DETECTOR_IMGSZ
 
     has_detector = detector is not None and Path(detector).is_file()
     key = hashlib.sha1(json.dumps({
@@ -68,9 +68,9 @@ def _cache_folder(images_dir: Path, keys: list, detector: Path | None) -> Path:
 
 def _describe_chunk(job) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     images_dir, keys, detector = job
-    from training.dlib_teacher import DlibTeacher
-    from training.embedder_data import FaceBoxer, read_image
-    from training.lfw import image_path
+    from facewatch.training.dlib_teacher import DlibTeacher
+    from facewatch.training.embedder_data import FaceBoxer, read_image
+    from facewatch.training.lfw import image_path
 
     boxer = FaceBoxer(Path(detector) if detector else None)
     teacher = DlibTeacher()
@@ -118,7 +118,7 @@ def load_teacher_cache(images_dir: Path, people: dict[str, list[int]], detector:
 
 def training_people(images_dir: Path) -> dict[str, list[int]]:
     """Every image of the training people plus every image in the validation pairs."""
-    from training.lfw import VAL_PAIRS_FILE, list_people, load_split, read_pairs
+    from facewatch.training.lfw import VAL_PAIRS_FILE, list_people, load_split, read_pairs
 
     people = list_people(images_dir)
     val_people = set(load_split(images_dir)["val_people"])
@@ -135,12 +135,12 @@ def training_people(images_dir: Path) -> dict[str, list[int]]:
 def _lfw_through_folder_cache(args: argparse.Namespace, images: Path) -> int:
     """LFW's training and validation images through `training.folder_teacher`, then each
     teacher's verification on our validation pairs (raw unit vectors; cosine)."""
-    from training.lfw import VAL_PAIRS_FILE, image_path, read_pairs
-    from training.verification_metrics import verification_report
+    from facewatch.training.lfw import VAL_PAIRS_FILE, image_path, read_pairs
+    from facewatch.training.verification_metrics import verification_report
 
     pairs, folds = read_pairs(VAL_PAIRS_FILE)
     if args.val_pairs:
-        from training.evaluate_embedder import subset_pairs   # (imports Keras)
+        from facewatch.training.evaluate_embedder import subset_pairs   # (imports Keras)
 
         pairs, folds = subset_pairs(pairs, folds, args.val_pairs)
         people = {}
@@ -173,7 +173,7 @@ def _lfw_through_folder_cache(args: argparse.Namespace, images: Path) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.embedder_data import DEFAULT_DETECTOR
+    from facewatch.training.embedder_data import DEFAULT_DETECTOR
 
     parser.add_argument("--images", type=Path, default=None, help="LFW folder")
     parser.add_argument("--detector", type=Path, default=DEFAULT_DETECTOR,
@@ -191,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.lfw import default_images_dir
+    from facewatch.training.lfw import default_images_dir
 
     if args.unlabelled:
         if args.teacher != "dlib" or args.folder:
@@ -206,8 +206,8 @@ def run(args: argparse.Namespace) -> int:
 
     cache = load_teacher_cache(images, training_people(images), args.detector, args.workers)
     # The teacher's own score on our validation pairs: the ceiling the student is pulled towards.
-    from training.lfw import VAL_PAIRS_FILE, read_pairs
-    from training.verification_metrics import verification_report
+    from facewatch.training.lfw import VAL_PAIRS_FILE, read_pairs
+    from facewatch.training.verification_metrics import verification_report
 
     pairs, folds = read_pairs(VAL_PAIRS_FILE)
     e = centred(cache.embeddings)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from training.paths import require_dir, runs_dir, shared_data_dir
-from training.ultralytics_env import configure_offline
-from training.widerface import SPLIT_FILE, write_dataset_yaml
+from facewatch.training.paths import require_dir, runs_dir, shared_data_dir
+from facewatch.training.ultralytics_env import configure_offline
+from facewatch.training.widerface import SPLIT_FILE, write_dataset_yaml
 
 log = logging.getLogger("facewatch.train_detector")
 
@@ -79,7 +79,7 @@ def train(args: argparse.Namespace) -> Path:
     name = args.name or f"yolov8{args.size}{'-pose' if pose else ''}-{args.imgsz}"
     project = runs_dir() / "detector"
     if pose:
-        from training.widerface_landmarks import write_pose_dataset
+        from facewatch.training.widerface_landmarks import write_pose_dataset
 
         data_yaml, report, _ = write_pose_dataset(data_root, project / name / "dataset", args.split)
         for side in ("train", "val"):
@@ -145,7 +145,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def add_pseudo_sources(train_list: Path, sources: list[str], seed: int = 0) -> dict[str, int]:
     """Append teacher-labelled images (`NAME[:MAX]`, a fixed random sample) to the training list."""
-    from training.pseudo_labels import pseudo_root
+    from facewatch.training.pseudo_labels import pseudo_root
 
     added = {}
     for spec in sources:
@@ -182,8 +182,8 @@ def box_init_checkpoint(args: argparse.Namespace, project: Path, data_root: Path
     if not out.is_file():
         import cv2
 
-        from training.nudenet_init import convert
-        from training.widerface import load_split
+        from facewatch.training.nudenet_init import convert
+        from facewatch.training.widerface import load_split
 
         # BatchNorm moments from the training side's images, as training will see them
         train = load_split(args.split)["train"]

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.face_crop import ALIGNMENTS, DEFAULT_CROP_SCALE, CropSpec
-from training.embedder_data import (DEFAULT_DETECTOR, DETECTOR_IMGSZ, IdentityBatches,
+from facewatch.stages.face_crop import ALIGNMENTS, DEFAULT_CROP_SCALE, CropSpec
+from facewatch.training.embedder_data import (DEFAULT_DETECTOR, DETECTOR_IMGSZ, IdentityBatches,
                                     ShuffledBatches, load_crop_cache)
-from training.embedder_losses import LOSSES, MININGS
-from training.embedder_model import BACKBONES
-from training.dlib_teacher import TEACHER_DIM
-from training.lfw import VAL_PAIRS_FILE, default_images_dir, list_people, load_split, read_pairs
-from training.paths import runs_dir
+from facewatch.training.embedder_losses import LOSSES, MININGS
+from facewatch.training.embedder_model import BACKBONES
+from facewatch.training.dlib_teacher import TEACHER_DIM
+from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir, list_people, load_split, read_pairs
+from facewatch.training.paths import runs_dir
 
 log = logging.getLogger("facewatch.train_embedder")
 
@@ -171,7 +171,7 @@ def _prepare_data(args) -> dict:
         train_names = multi[:: max(1, len(multi) // args.max_people)][: args.max_people]
     pairs, folds = read_pairs(VAL_PAIRS_FILE)
     if args.val_pairs:
-        from training.evaluate_embedder import subset_pairs
+        from facewatch.training.evaluate_embedder import subset_pairs
 
         pairs, folds = subset_pairs(pairs, folds, args.val_pairs)
     val_keys = sorted({(p.name1, p.index1) for p in pairs} | {(p.name2, p.index2) for p in pairs})
@@ -185,7 +185,7 @@ def _prepare_data(args) -> dict:
                          f"--embedding-size {TEACHER_DIM}, not {args.embedding_size}")
     teacher = None
     if args.teacher == "dlib" or (args.alignment == "five_point" and args.landmarks == "dlib"):
-        from training.teacher_cache import load_teacher_cache
+        from facewatch.training.teacher_cache import load_teacher_cache
 
         teacher = load_teacher_cache(images, wanted, args.detector)
     spec = CropSpec(size=args.input_size, alignment=args.alignment, scale=args.crop_scale)
@@ -201,7 +201,7 @@ def _prepare_data(args) -> dict:
     train_labels = np.array([lab for _, lab in rows], np.int32)
     teacher_vectors, unlabelled = None, None
     if args.teacher != "none":
-        from training.teacher_cache import centred
+        from facewatch.training.teacher_cache import centred
 
         train_keys = [(n, i) for n in train_names for i in people[n]]
         if args.teacher == "dlib":
@@ -250,8 +250,8 @@ TEACHER_NAMES = {"dlib": "dlib_face_recognition_resnet_model_v1",
 def _sface_vectors(images: Path, keys: list[tuple[str, int]]) -> np.ndarray:
     """SFace's unit vectors of these LFW images (`training.folder_teacher` cache of the LFW
     folder: YuNet's face nearest the centre, ArcFace-aligned)."""
-    from training.folder_teacher import load_folder_faces
-    from training.lfw import image_path
+    from facewatch.training.folder_teacher import load_folder_faces
+    from facewatch.training.lfw import image_path
 
     rels = [image_path(images, n, i).relative_to(images).as_posix() for n, i in keys]
     faces = load_folder_faces(images, "sface", files=sorted(set(rels)))
@@ -266,9 +266,9 @@ def _folder_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray, np
     """Crops and teacher vectors of every --unlabelled-folder's faces (`training.folder_teacher`),
     centred with the LFW training faces' mean. Photos where YuNet found no face, or implausible
     points (of the alignment's layout), are left out."""
-    from training.embedder_data import load_folder_crops
-    from training.folder_teacher import load_folder_faces
-    from training.teacher_cache import centred
+    from facewatch.training.embedder_data import load_folder_crops
+    from facewatch.training.folder_teacher import load_folder_faces
+    from facewatch.training.teacher_cache import centred
 
     crops, vectors, report = [], [], {"folders": {}}
     for folder in args.unlabelled_folder:
@@ -288,8 +288,8 @@ def _folder_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray, np
 def _yunet_landmarks(images: Path, wanted: dict[str, list[int]], detector: Path):
     """Our detector's boxes with YuNet's five points in them (`landmark_data.lfw_yunet_labels`),
     shaped like the teacher cache that `load_crop_cache` takes its boxes and landmarks from."""
-    from training.landmark_data import lfw_yunet_labels
-    from training.teacher_cache import TeacherCache
+    from facewatch.training.landmark_data import lfw_yunet_labels
+    from facewatch.training.teacher_cache import TeacherCache
 
     labels = lfw_yunet_labels(images, wanted, detector)
     keys = list(labels)
@@ -312,9 +312,9 @@ def _unlabelled_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray
     """Crops and teacher vectors of the faces without identity (`training.unlabelled_teacher`),
     centred with the LFW training faces' mean so both sets live in one space. Faces whose dlib
     landmarks are implausible are left out: dlib's vector then describes a misaligned chip."""
-    from training.embedder_data import load_unlabelled_crops
-    from training.teacher_cache import centred
-    from training.unlabelled_teacher import load_unlabelled_faces
+    from facewatch.training.embedder_data import load_unlabelled_crops
+    from facewatch.training.teacher_cache import centred
+    from facewatch.training.unlabelled_teacher import load_unlabelled_faces
 
     faces = load_unlabelled_faces(detector=args.detector, max_images=args.unlabelled_max_images,
                                   max_frames=args.unlabelled_max_frames)
@@ -372,7 +372,7 @@ def _batches(args, data):
 def _build(args, num_classes: int):
     import keras
 
-    from training.embedder_model import EmbedderTrainer, build_embedder
+    from facewatch.training.embedder_model import EmbedderTrainer, build_embedder
 
     keras.utils.set_random_seed(args.seed)
     embedder = build_embedder(args.backbone, args.embedding_size, args.dropout, args.weights,
@@ -458,8 +458,8 @@ def _save_curves(history: list[dict], path: Path) -> None:
 
 
 def _validate(embedder_model, data) -> dict:
-    from training.evaluate_embedder import KerasEmbedder, embed_images, pair_scores
-    from training.verification_metrics import verification_report
+    from facewatch.training.evaluate_embedder import KerasEmbedder, embed_images, pair_scores
+    from facewatch.training.verification_metrics import verification_report
 
     embedder = KerasEmbedder(embedder_model, crop_spec=data["crop_spec"], flip_average=True)
     embeddings = embed_images(embedder, data["val_keys"], data["val_crops"])

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.paths import runs_dir, shared_data_dir
+from facewatch.training.paths import runs_dir, shared_data_dir
 
 log = logging.getLogger("facewatch.train_landmarks")
 
@@ -36,7 +36,7 @@ DEFAULT_SCALE = 1.3  # the crop around the box: like the embedder's box crop, ro
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from training.embedder_data import DEFAULT_DETECTOR
+    from facewatch.training.embedder_data import DEFAULT_DETECTOR
 
     a = parser.add_argument
     a("--lfw", type=Path, default=None, help="LFW folder (default: shared data)")
@@ -63,15 +63,15 @@ LABEL_SOURCES = {"dlib": "dlib shape_predictor_5_face_landmarks (pseudo-labels)"
 
 
 def _point_names() -> dict[str, tuple[str, ...]]:
-    from stages.face_crop import ARCFACE_NAMES
-    from training.dlib_teacher import LANDMARK_NAMES
+    from facewatch.stages.face_crop import ARCFACE_NAMES
+    from facewatch.training.dlib_teacher import LANDMARK_NAMES
 
     return {"dlib": LANDMARK_NAMES, "arcface": ARCFACE_NAMES}
 
 
 def nme_report(predicted: np.ndarray, target: np.ndarray, layout: str = "dlib") -> dict:
     """Mean, median NME and share under 0.1; points as (N, 10) or (N, 5, 2) in any one unit."""
-    from training.landmark_metrics import landmark_nme, summarise_nme
+    from facewatch.training.landmark_metrics import landmark_nme, summarise_nme
 
     nme = landmark_nme(np.asarray(predicted).reshape(-1, 5, 2), np.asarray(target).reshape(-1, 5, 2),
                        layout)
@@ -80,7 +80,7 @@ def nme_report(predicted: np.ndarray, target: np.ndarray, layout: str = "dlib") 
 
 def box_prior(faces, size: int, scale: float) -> np.ndarray:
     """The fallback layout (`stages.face_crop.box_landmarks`) in crop fractions, for comparison."""
-    from stages.face_crop import box_crop_matrix, box_landmarks
+    from facewatch.stages.face_crop import box_crop_matrix, box_landmarks
 
     alignment = {"dlib": "five_point", "arcface": "arcface_five_point"}[faces.layout]
     out = []
@@ -92,8 +92,8 @@ def box_prior(faces, size: int, scale: float) -> np.ndarray:
 
 
 def load_faces(args):
-    from training.landmark_data import LandmarkFaces, lfw_faces, wider_faces
-    from training.lfw import default_images_dir
+    from facewatch.training.landmark_data import LandmarkFaces, lfw_faces, wider_faces
+    from facewatch.training.lfw import default_images_dir
 
     start = time.monotonic()
     lfw_train, lfw_val = lfw_faces(Path(args.lfw or default_images_dir()), args.detector,
@@ -113,8 +113,8 @@ def load_faces(args):
 def run(args: argparse.Namespace) -> int:
     import keras
 
-    from training.landmark_data import LABELS, AugmentedBatches, runtime_crops
-    from training.landmark_model import build_landmark_model
+    from facewatch.training.landmark_data import LABELS, AugmentedBatches, runtime_crops
+    from facewatch.training.landmark_model import build_landmark_model
 
     keras.utils.set_random_seed(args.seed)
     run_dir = runs_dir() / "landmarks_model" / args.out

@@ -36,7 +36,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from training.paths import require_dir, runs_dir, shared_data_dir
+from facewatch.training.paths import require_dir, runs_dir, shared_data_dir
 
 log = logging.getLogger("facewatch.unlabelled_teacher")
 
@@ -145,7 +145,7 @@ def widerface_boxes(root: Path, rels: list[str], min_face_px: float
     """[(image, (K, 4) boxes at least min_face_px tall)] for images with any, and counts."""
     from PIL import Image
 
-    from training.widerface_landmarks import read_yolo_boxes
+    from facewatch.training.widerface_landmarks import read_yolo_boxes
 
     kept, faces, small = [], 0, 0
     for rel in rels:
@@ -166,9 +166,9 @@ def track_clip(video: Path, detector: Path, min_face_px: float, frame_step: int 
                ) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], dict]:
     """Detector and tracker over the clip's frames, as the daemon runs them: [(frame number,
     (K, 4) tracked boxes at least min_face_px tall, (K,) track ids)] every frame_step-th frame."""
-    from daemon.config import DetectConfig, ModelsConfig
-    from stages.face_detector import FaceDetector
-    from stages.tracking import CameraTracker, tracker_args
+    from facewatch.daemon.config import DetectConfig, ModelsConfig
+    from facewatch.stages.face_detector import FaceDetector
+    from facewatch.stages.tracking import CameraTracker, tracker_args
 
     if not Path(detector).is_file():
         raise FileNotFoundError(f"the clip's faces need the face detector: {detector} not found")
@@ -207,7 +207,7 @@ class _Job:
 
 def _describe_job(job: _Job) -> list[tuple[np.ndarray, np.ndarray]]:
     """[(landmarks (K, 5, 2), unit vectors (K, 128))] for each item of the job, in order."""
-    from training.dlib_teacher import DlibTeacher
+    from facewatch.training.dlib_teacher import DlibTeacher
 
     teacher = DlibTeacher()
     if job.kind == "widerface":
@@ -226,7 +226,7 @@ def _describe_job(job: _Job) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _cache_folder(cache_root: Path, root: Path, rels: list[str], video: Path | None,
                   detector: Path | None, settings: dict) -> Path:
-    from stages.gallery import file_sha256
+    from facewatch.stages.gallery import file_sha256
 
     digest = hashlib.sha1()
     digest.update(json.dumps({
@@ -256,7 +256,7 @@ def load_unlabelled_faces(widerface_root: Path | None = None, video: Path | None
 
     `max_images` (evenly spread) and `max_frames` (the clip's first frames) restrict the inputs
     for tests; `use_video=False` leaves the clip out."""
-    from training.embedder_data import DEFAULT_DETECTOR
+    from facewatch.training.embedder_data import DEFAULT_DETECTOR
 
     if min_face_px <= 0 or frame_step < 1:
         raise ValueError(f"min_face_px must be > 0 and frame_step >= 1, got {min_face_px}, {frame_step}")
@@ -315,7 +315,7 @@ def load_unlabelled_faces(widerface_root: Path | None = None, video: Path | None
 
 def _assemble(boxes: list[np.ndarray], track_ids: list[np.ndarray], wider_sources: int,
               parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    from stages.face_crop import landmarks_plausible
+    from facewatch.stages.face_crop import landmarks_plausible
 
     if not boxes:
         raise ValueError("no face at least min_face_px tall in the WIDER images or the clip")

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.paths import SPLITS_DIR, require_dir
+from facewatch.training.paths import SPLITS_DIR, require_dir
 
 SPLIT_FILE = SPLITS_DIR / "widerface_split.json"
 # Every 5th event class (by its WIDER number) is held out for validation: 13 of 61 classes.
@@ -105,7 +105,7 @@ def write_dataset_yaml(root: Path, out_dir: Path, split_file: Path = SPLIT_FILE)
 
 
 if __name__ == "__main__":  # regenerate the committed split (only if the data folder changes)
-    from training.paths import shared_data_dir
+    from facewatch.training.paths import shared_data_dir
 
     SPLIT_FILE.parent.mkdir(parents=True, exist_ok=True)
     SPLIT_FILE.write_text(json.dumps(make_split(shared_data_dir() / "widerface"), indent=1) + "\n")

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from training.paths import runs_dir
+from facewatch.training.paths import runs_dir
 
 log = logging.getLogger("facewatch.widerface_landmarks")
 
@@ -82,7 +82,7 @@ LABELLERS = {"dlib": "dlib", "yunet": "arcface"}   # labeller -> landmark layout
 def visibility(points: np.ndarray, boxes: np.ndarray, min_face_px: float = MIN_FACE_PX,
                layout: str = "dlib") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(visible, too_small, implausible) bool arrays for (N, 5, 2) points in (N, 4) boxes."""
-    from stages.face_crop import landmarks_plausible
+    from facewatch.stages.face_crop import landmarks_plausible
 
     too_small = (boxes[:, 3] - boxes[:, 1]) < min_face_px
     implausible = np.array([not too_small[i] and not landmarks_plausible(points[i], boxes[i], layout)
@@ -112,12 +112,12 @@ def _load(path: Path) -> LandmarkLabels:
 def _labeller(name: str):
     """frame (BGR), boxes (K, 4) -> (K, 5, 2) points in the labeller's layout (NaN: none found)."""
     if name == "dlib":
-        from training.dlib_teacher import DlibTeacher
+        from facewatch.training.dlib_teacher import DlibTeacher
 
         teacher = DlibTeacher(embeddings=False)
         return lambda frame, boxes: teacher.landmarks(frame[..., ::-1], boxes)
     if name == "yunet":
-        from training.sface_teacher import SFaceTeacher
+        from facewatch.training.sface_teacher import SFaceTeacher
 
         yunet = SFaceTeacher(embeddings=False)
 
@@ -216,8 +216,8 @@ def write_pose_dataset(root: Path, out_dir: Path, split_file: Path | None = None
     """An ultralytics pose dataset of the split: `out_dir/images/<rel>` links to the shared
     images (never copies), `out_dir/labels/<rel>.txt` the pose labels, and the data YAML with
     `kpt_shape: [5, 3]` and the flip index. Returns the YAML, the skip report and the labels."""
-    from training.dlib_teacher import FLIP_INDEX, LANDMARK_NAMES
-    from training.widerface import SPLIT_FILE, check_images, load_split
+    from facewatch.training.dlib_teacher import FLIP_INDEX, LANDMARK_NAMES
+    from facewatch.training.widerface import SPLIT_FILE, check_images, load_split
 
     split_file = split_file or SPLIT_FILE
     split = load_split(split_file)
@@ -261,8 +261,8 @@ def write_pose_dataset(root: Path, out_dir: Path, split_file: Path | None = None
 
 
 if __name__ == "__main__":  # build (or read) the cache of the committed split and print the counts
-    from training.paths import shared_data_dir
-    from training.widerface import load_split
+    from facewatch.training.paths import shared_data_dir
+    from facewatch.training.widerface import load_split
 
     _root = shared_data_dir() / "widerface"
     _split = load_split()
