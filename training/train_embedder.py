@@ -547,6 +547,9 @@ def train(args: argparse.Namespace) -> Path:
         _checkpoint(trainer, state, run_dir)
         if args.checkpoint_dir:
             _commit_checkpoint(trainer, state, Path(args.checkpoint_dir))
+        # every epoch: export-embedder takes crop alignment, size and threshold from it, so a
+        # run's best.keras can be exported (and run by the daemon) while the run goes on
+        _write_summary(args, state, data, run_dir, trainer)
         _save_curves(state["history"], run_dir / "curves.png")
         val = (f" val acc {record['val_accuracy']:.4f} auc {record['val_auc']:.4f} "
                f"tar@1e-3 {record['val_tar_at_far_1e3']:.3f}" if "val_accuracy" in record else "")
