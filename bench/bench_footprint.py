@@ -178,7 +178,7 @@ def measure(venv: Path, args, video: Path) -> dict:
         models = args.models.resolve() if args.models else None
         gallery = workdir / "gallery.db"
         embedder = (models or Path(subprocess.run(
-            [py, "-c", "from stages.model_files import models_dir; print(models_dir())"],
+            [py, "-c", "from facewatch.stages.model_files import models_dir; print(models_dir())"],
             capture_output=True, text=True, cwd=workdir, timeout=60).stdout.strip())) / \
             "face_embedder.onnx"
         make_gallery(gallery, embedder, 100)

@@ -147,6 +147,8 @@ class VideoSource:
             read_ms = int((self.cfg.read_timeout_s + FFMPEG_READ_TIMEOUT_EXTRA_S) * 1000)
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(self.cfg.open_timeout_s * 1000),
                       cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_ms]
+            if self.cfg.decode_threads:   # 0: OpenCV's default (capture.decode_threads)
+                params += [cv2.CAP_PROP_N_THREADS, self.cfg.decode_threads]
             cap = cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
         if not cap.isOpened():
             cap.release()

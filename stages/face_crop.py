@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 DEFAULT_CROP_SIZE = 112
@@ -84,6 +83,7 @@ def _check(frame: np.ndarray, box) -> tuple[float, float, float, float]:
 
 
 def _warp(frame: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    import cv2   # here, not at the top: the embed stage needs only CropSpec (OpenCV: ~17 MB RSS)
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
     interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
     return cv2.warpAffine(frame, matrix.astype(np.float32), (size, size), flags=interpolation,
@@ -108,6 +108,7 @@ def crop_face(frame: np.ndarray, box, size: int = DEFAULT_CROP_SIZE,
 
 
 def _similarity(points: np.ndarray, template: np.ndarray) -> np.ndarray | None:
+    import cv2   # see _warp
     # Least squares over all five points (LMEDS would drop a point; a 5-point fit needs no robust
     # estimator once implausible sets are rejected).
     matrix, _ = cv2.estimateAffinePartial2D(np.asarray(points, np.float32),
