@@ -1,26 +1,24 @@
-"""Per-camera multi-object tracking with ByteTrack (stages.bytetrack: supervision's, numpy only).
+"""Per-camera multi-object tracking with supervision's ByteTrack (numpy and scipy only).
 
 The daemon used to take ByteTrack from ultralytics, which pulls torch into the runtime; the
-same algorithm comes from `supervision` (0.30.x), whose code runs here as `stages.bytetrack`
-without importing supervision's package or scipy.optimize (73 MB of the detect stage's RSS,
-issue 13). `bench/bench_tracker.py` compares it with ultralytics' on the shared clip (ID switches
-and fragments against identities from the embedder); tests/test_bytetrack.py requires the same
-track ids as supervision's own ByteTrack.
+same algorithm comes from `supervision` (0.30.x, whose install no longer requires
+`opencv-python`, so it sits beside `opencv-python-headless`). `bench/bench_tracker.py` compares
+the two on the shared clip (ID switches and fragments against identities from the embedder).
 
-The tracker returns the detections it could assign to a track, in their original order, with
-their track ids; we keep each detection's index so the detector's own box (and landmarks) go
-with the track: the crop must use the detector's box.
+supervision's tracker returns the detections it could assign to a track, in their original
+order, with `tracker_id` set; we keep each detection's index in `data` so the detector's own box
+(and landmarks) go with the track: the crop must use the detector's box.
 
 A track has *ended* when the tracker no longer holds it as tracked or lost (it was removed
 after `track_buffer` frames without a match); `CameraTracker.update` reports those ids.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from facewatch.stages.bytetrack import ByteTrack
 from facewatch.stages.detections import Detections
 
 TRACKERS = ("bytetrack",)
@@ -74,10 +72,16 @@ class CameraTracker:
 
     def __init__(self, kind: str, args: TrackerArgs):
         _check_kind(kind)
-        self.tracker = ByteTrack(track_activation_threshold=args.track_high_thresh,
-                                 lost_track_buffer=args.track_buffer,
-                                 minimum_matching_threshold=args.match_thresh,
-                                 frame_rate=FRAME_RATE, minimum_consecutive_frames=1)
+        from supervision import Detections as SvDetections
+        from supervision.tracker.byte_tracker.core import ByteTrack
+
+        self._detections = SvDetections
+        with warnings.catch_warnings():   # supervision announces ByteTrack's move to `trackers`
+            warnings.simplefilter("ignore")   # (which requires opencv-python): pinned < 0.31
+            self.tracker = ByteTrack(track_activation_threshold=args.track_high_thresh,
+                                     lost_track_buffer=args.track_buffer,
+                                     minimum_matching_threshold=args.match_thresh,
+                                     frame_rate=FRAME_RATE, minimum_consecutive_frames=1)
         # supervision derives the new-track threshold as activation + 0.1; ours is configured
         self.tracker.det_thresh = args.new_track_thresh
         self.low_thresh = args.track_low_thresh
@@ -86,9 +90,12 @@ class CameraTracker:
     def update(self, detections: Detections, image: np.ndarray | None = None) -> Tracks:
         """One frame's detections -> its tracks (`image` is unused: kept for callers)."""
         keep = np.flatnonzero(detections.scores >= self.low_thresh)
-        chosen, ids = self.tracker.update(detections.boxes[keep].astype(np.float32).reshape(-1, 4),
-                                          detections.scores[keep].astype(np.float32))
-        idx = keep.astype(np.int64)[chosen]
+        dets = self._detections(xyxy=detections.boxes[keep].astype(np.float32).reshape(-1, 4),
+                                confidence=detections.scores[keep].astype(np.float32),
+                                data={"index": keep.astype(np.int64)})
+        tracked = self.tracker.update_with_detections(dets)
+        idx = np.asarray(tracked.data.get("index", np.zeros(0, np.int64)), np.int64)
+        ids = np.asarray(tracked.tracker_id, np.int64).reshape(-1)
         alive = {int(t.external_track_id) for t in self.tracker.tracked_tracks
                  + self.tracker.lost_tracks if t.external_track_id >= 0}
         ended = sorted(self.active - alive)

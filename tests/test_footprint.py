@@ -1,5 +1,5 @@
 """The daemon's memory (issue 13: RSS of all processes, one camera, <= 600 MB; measured by
-bench/bench_footprint.py, bench/results/footprint_issue13.json). What each stage process loads
+bench/bench_footprint.py, bench/results/footprint_issue13_lean_levers.json). What each stage process loads
 and how it opens its camera, checked in processes of their own: a lever that is lost shows here,
 not only in a benchmark."""
 from __future__ import annotations
@@ -22,27 +22,6 @@ def modules_after(script: str) -> list[str]:
                        timeout=120, env={**env, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
-
-
-def test_detect_tracking_loads_neither_supervision_nor_scipy_optimize():
-    """scipy.optimize alone is ~51 MB of RSS and supervision's package ~22 MB more; the detect
-    stage's tracker (stages.bytetrack) needs neither."""
-    out = modules_after(
-        "import sys\n"
-        "import numpy as np\n"
-        "import facewatch.stages.detect_stage\n"
-        "from facewatch.daemon.config import DetectConfig\n"
-        "from facewatch.stages.detections import Detections\n"
-        "from facewatch.stages.tracking import CameraTracker, tracker_args\n"
-        "t = CameraTracker('bytetrack', tracker_args('bytetrack', DetectConfig()))\n"
-        "for i in range(5):\n"
-        "    tr = t.update(Detections(np.array([[10 + i, 10, 90 + i, 100]], np.float32),\n"
-        "                             np.array([0.9], np.float32)))\n"
-        "assert tr.track_ids.tolist() == [1], tr\n"
-        "print(sorted({'.'.join(m.split('.')[:2]) for m in sys.modules\n"
-        "              if m.split('.')[0] == 'supervision'\n"
-        "              or m.startswith(('scipy.optimize', 'scipy.linalg'))}))\n")
-    assert out == "[]", out
 
 
 def test_embed_stage_does_not_load_opencv():
