@@ -171,6 +171,13 @@ def test_committed_checkpoint_resumes_a_run_on_a_fresh_machine(runs, tmp_path):
     shutil.rmtree(run_dir)
     with pytest.raises(ValueError, match="does not fit this network"):
         train("--out", "run-committed", "--resume", "--epochs", "3", "--checkpoint-dir", str(other))
+    # A damaged file is named, not a numpy traceback.
+    (other / COMMITTED_WEIGHTS).write_bytes(b"not an npz" * 10)
+    with pytest.raises(ValueError, match=f"{COMMITTED_WEIGHTS}: not a weights file"):
+        train("--out", "run-committed", "--resume", "--epochs", "3", "--checkpoint-dir", str(other))
+    (other / "state.json").write_text("{truncated")
+    with pytest.raises(ValueError, match="state.json: not a run state"):
+        train("--out", "run-committed", "--resume", "--epochs", "3", "--checkpoint-dir", str(other))
 
 
 @needs_lfw

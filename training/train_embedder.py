@@ -483,7 +483,10 @@ def train(args: argparse.Namespace) -> Path:
                     + (f" nor in {args.checkpoint_dir} (state.json, {COMMITTED_WEIGHTS})"
                        if args.checkpoint_dir else ""))
             state_file = committed / "state.json"
-        saved = json.loads(state_file.read_text())
+        try:
+            saved = json.loads(state_file.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{state_file}: not a run state written by train-embedder ({exc})") from None
         _restore_args(args, saved)
         state.update({k: saved[k] for k in ("epoch", "step", "elapsed_s", "history",
                                              "best_accuracy", "best_epoch")})
@@ -599,7 +602,12 @@ def _commit_checkpoint(trainer, state: dict, folder: Path) -> None:
 
 def _load_weights_only(trainer, path: Path) -> None:
     """Restore `_commit_checkpoint`'s arrays; every variable must be there with its shape."""
-    with np.load(path) as saved:
+    try:
+        saved = np.load(path)
+    except (OSError, ValueError) as exc:   # truncated, not an npz, pickled
+        raise ValueError(f"{path}: not a weights file written by --checkpoint-dir ({exc}); "
+                         f"restore it from git or resume from runs/") from None
+    with saved:
         problems = [v.path for v in trainer.weights
                     if v.path not in saved or saved[v.path].shape != tuple(v.shape)]
         if problems:
