@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip measuring the impostor FAR table on the validation pairs "
                              "(the daemon's match.target_far then falls back to the metadata "
                              "threshold)")
+    parser.add_argument("--landmarks", type=Path, default=None,
+                        help="landmark model for measuring the FAR table of an embedder that "
+                             "aligns on five points (default: models/face_landmarks.onnx); "
+                             "name the one that ships with it when its layout is new")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,17 +62,18 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     if not args.no_open_set:
-        table = measure_open_set(args.out)
+        table = measure_open_set(args.out, args.landmarks)
         if table is not None:
             report["impostor_far_table"] = json.loads(table.to_json())
     print(json.dumps(report))
     return 0
 
 
-def measure_open_set(model: Path):
+def measure_open_set(model: Path, landmarks: Path | None = None):
     """The impostor FAR table of the exported file, measured through the runtime path on the
     validation pairs (as `facewatch evaluate-embedder --write-metadata`) and written into its
-    metadata; None, with a warning, when the pairs' images or the detector are not here."""
+    metadata; None, with a warning, when the pairs' images or the detector are not here.
+    `landmarks`: the landmark model to align with (default: the shipped one)."""
     from facewatch.training.embedder_data import DEFAULT_DETECTOR, DETECTOR_IMGSZ, FaceBoxer
     from facewatch.training.evaluate_embedder import evaluate_pairs, load_embedder, write_far_table
     from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir, read_pairs
@@ -83,7 +88,7 @@ def measure_open_set(model: Path):
     embedder = load_embedder(Path(model))
     pairs, folds = read_pairs(VAL_PAIRS_FILE)
     boxer = FaceBoxer(Path(DEFAULT_DETECTOR), DETECTOR_IMGSZ,
-                      landmarks=landmarks_to_run(embedder.crop_spec.alignment,
+                      landmarks=landmarks_to_run(embedder.crop_spec.alignment, landmarks or
                                                  Path(DEFAULT_DETECTOR).parent / "face_landmarks.onnx"))
     report = evaluate_pairs(embedder, pairs, folds, images, boxer, source=VAL_PAIRS_FILE.name)
     write_far_table(Path(model), report["impostor_far_table"])
