@@ -43,6 +43,8 @@ class SmallConvNeXtConfig:
 
 SMALL_CONFIGS = {
     "small": SmallConvNeXtConfig(),
+    # 4.0 M parameters, ~2x small's compute: the capacity step once teachers stop helping small.
+    "wide": SmallConvNeXtConfig(dims=(40, 80, 160, 320), depths=(2, 2, 6, 2)),
     # For tests: a few milliseconds per step.
     "micro": SmallConvNeXtConfig(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)),
 }
@@ -187,7 +189,7 @@ def build_embedder(backbone: str = "small", embedding_size: int = 128, dropout: 
         if weights:
             raise ValueError(f"--weights is for keras.applications backbones, not {backbone!r}")
         config = SMALL_CONFIGS[backbone]
-        if drop_path and backbone == "small":
+        if drop_path and backbone != "micro":
             config = SmallConvNeXtConfig(**{**config.__dict__, "drop_path": drop_path})
         features = small_convnext(layers.Rescaling(1.0 / 255.0, name="rescale")(inputs), config)
     else:
