@@ -56,6 +56,17 @@ def run(args: argparse.Namespace) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.summary and not summary:
         raise FileNotFoundError(f"summary file not found: {args.summary}")
+    if not args.no_open_set and summary.get("crop_alignment"):
+        # The FAR-table step aligns with a landmark model: refuse a missing one or one of the
+        # other layout now, before --out (often the shipped file) is replaced.
+        from facewatch.stages.errors import ModelError
+        from facewatch.stages.face_landmarks import landmarks_to_run
+        try:
+            landmarks_to_run(summary["crop_alignment"], landmark_file(args.landmarks))
+        except ModelError as exc:
+            log.error("%s; name the landmark model that goes with this embedder with --landmarks "
+                      "(or skip the table with --no-open-set)", exc)
+            return 1
     try:
         report = export_embedder(args.model, args.out, summary, args.threshold, args.max_abs_diff)
     except ExportError as exc:
@@ -67,6 +78,13 @@ def run(args: argparse.Namespace) -> int:
             report["impostor_far_table"] = json.loads(table.to_json())
     print(json.dumps(report))
     return 0
+
+
+def landmark_file(landmarks: Path | None) -> Path:
+    """The landmark model the FAR table is measured with: the given one, else the shipped one."""
+    from facewatch.training.embedder_data import DEFAULT_DETECTOR
+
+    return landmarks or Path(DEFAULT_DETECTOR).parent / "face_landmarks.onnx"
 
 
 def measure_open_set(model: Path, landmarks: Path | None = None):
@@ -88,8 +106,8 @@ def measure_open_set(model: Path, landmarks: Path | None = None):
     embedder = load_embedder(Path(model))
     pairs, folds = read_pairs(VAL_PAIRS_FILE)
     boxer = FaceBoxer(Path(DEFAULT_DETECTOR), DETECTOR_IMGSZ,
-                      landmarks=landmarks_to_run(embedder.crop_spec.alignment, landmarks or
-                                                 Path(DEFAULT_DETECTOR).parent / "face_landmarks.onnx"))
+                      landmarks=landmarks_to_run(embedder.crop_spec.alignment,
+                                                 landmark_file(landmarks)))
     report = evaluate_pairs(embedder, pairs, folds, images, boxer, source=VAL_PAIRS_FILE.name)
     write_far_table(Path(model), report["impostor_far_table"])
     return report["impostor_far_table"]

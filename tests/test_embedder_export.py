@@ -128,6 +128,28 @@ def test_export_command_reports_a_missing_checkpoint(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_export_refuses_a_landmark_model_it_cannot_align_with_before_writing(exported, tmp_path,
+                                                                             caplog):
+    """An embedder aligned on ArcFace's points: the FAR-table step would align with the shipped
+    dlib-layout landmark model (or a missing file), so the export stops before --out is written,
+    naming the file and --landmarks."""
+    from facewatch.daemon.cli import main
+
+    _, onnx_path, _ = exported
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"backbone": "micro", "crop_alignment": "arcface_five_point",
+                                   "threshold": 0.42, "val": {"accuracy": 0.5}}))
+    out = tmp_path / "face_embedder.onnx"
+    base = ["export-embedder", "--model", str(onnx_path.parent / "embedder.keras"),
+            "--out", str(out), "--summary", str(summary)]
+    assert main(base) == 1
+    assert "face_landmarks.onnx" in caplog.text and "--landmarks" in caplog.text
+    missing = tmp_path / "nowhere" / "landmarks.onnx"
+    assert main([*base, "--landmarks", str(missing)]) == 1
+    assert str(missing) in caplog.text
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not COMMITTED_MODEL.is_file(), reason=f"{COMMITTED_MODEL} not exported yet")
 def test_committed_model_accuracy_on_validation_pairs(capsys):
     """Regression gate: the committed embedder on 600 of the fixed validation pairs."""
