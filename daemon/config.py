@@ -164,6 +164,9 @@ class ModelsConfig(Section):
     providers: list[str] = Field(default_factory=lambda: ["CUDAExecutionProvider",
                                                           "CPUExecutionProvider"], min_length=1)
     threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = auto")
+    # onnxruntime's threads busy-wait between operators: faster only on cores nothing else needs;
+    # on a shared CPU they take time from decoding and the other stages (stages.onnx_session)
+    spin_wait: bool = Field(False, description="onnxruntime intra-op threads spin while idle")
     detector_conf: float = Field(0.25, gt=0, lt=1)
     detector_iou: float = Field(0.5, gt=0, lt=1)
     detector_imgsz: int | None = Field(None, ge=32, le=4096, description="null: from the model")

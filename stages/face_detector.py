@@ -58,14 +58,15 @@ def batch_shape(frames: list[np.ndarray], size: int, stride: int) -> tuple[int, 
 class FaceDetector:
     def __init__(self, model_path, providers=DEFAULT_PROVIDERS, conf_threshold: float = 0.35,
                  iou_threshold: float = 0.5, imgsz: int | None = None, threads: int = 0,
-                 max_detections: int = 300, landmarks=None):
-        self.session = load_session(model_path, providers, threads, what="face detector")
+                 max_detections: int = 300, landmarks=None, spin: bool = False):
+        self.session = load_session(model_path, providers, threads, what="face detector",
+                                    spin=spin)
         # A landmark model (stages.face_landmarks), when given, places every face's five points
         # from its box; it replaces the detector's own keypoints, if the file has any. For
         # one-off callers (enrollment, evaluation); the daemon's detect stage runs it itself on
         # the faces it keeps, so small and untracked detections cost nothing.
         self.landmark_model = (None if landmarks is None
-                               else LandmarkModel(landmarks, providers, threads))
+                               else LandmarkModel(landmarks, providers, threads, spin=spin))
         self.meta = metadata(self.session)
         self._check_model(model_path)
         self.input_name = self.session.get_inputs()[0].name
@@ -186,6 +187,6 @@ def detector_from_config(models) -> FaceDetector:
     choice = choose(models, "detector")   # fp32 or int8 (models.precision)
     detector = load(choice, models.detector, lambda path: FaceDetector(
         path, models.providers, models.detector_conf, models.detector_iou, models.detector_imgsz,
-        models.threads))
+        models.threads, spin=models.spin_wait))
     detector.choice = choice
     return detector

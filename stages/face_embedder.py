@@ -23,11 +23,11 @@ def _quantized(model_path) -> bool:
 
 class FaceEmbedder:
     def __init__(self, model_path, providers=DEFAULT_PROVIDERS, threads: int = 0,
-                 flip_average: bool | None = None):
+                 flip_average: bool | None = None, spin: bool = False):
         # onnxruntime's CPU arena: ~20% faster batches for the fp32 embedder; for an int8 copy no
         # faster, and it keeps ~80 MB more after a large batch (measured, 2 CPU cores)
         self.session = load_session(model_path, providers, threads, what="face embedder",
-                                    cpu_arena=not _quantized(model_path))
+                                    cpu_arena=not _quantized(model_path), spin=spin)
         self.meta = metadata(self.session)
         # Gallery rows remember which model made them: embeddings of two models don't compare.
         # An int8 copy (`facewatch quantize-model`) names its parent's embedding space instead.
@@ -84,6 +84,7 @@ def embedder_from_config(models) -> FaceEmbedder:
 
     choice = choose(models, "embedder")
     embedder = load(choice, models.embedder,
-                    lambda path: FaceEmbedder(path, models.providers, models.threads))
+                    lambda path: FaceEmbedder(path, models.providers, models.threads,
+                                                     spin=models.spin_wait))
     embedder.choice = choice
     return embedder

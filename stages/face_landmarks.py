@@ -19,9 +19,10 @@ NUM_LANDMARKS = 5
 
 class LandmarkModel:
     def __init__(self, model_path, providers=DEFAULT_PROVIDERS, threads: int = 0,
-                 layout: str | None = None):
+                 layout: str | None = None, spin: bool = False):
         self.path = model_path
-        self.session = load_session(model_path, providers, threads, what="landmark model")
+        self.session = load_session(model_path, providers, threads, what="landmark model",
+                                    spin=spin)
         self.meta = metadata(self.session)
         if "facewatch_landmarks" not in self.meta:
             raise ModelError(f"landmark model {model_path}: no facewatch_landmarks metadata; export "
@@ -90,6 +91,7 @@ def landmark_model_from_config(models, crop_alignment: str) -> LandmarkModel | N
 
     choice = choose(models, "landmarks")   # fp32 or int8 (models.precision)
     model = load(choice, models.landmarks, lambda path: LandmarkModel(
-        path, models.providers, models.threads, layout=LANDMARK_LAYOUTS[crop_alignment]))
+        path, models.providers, models.threads, layout=LANDMARK_LAYOUTS[crop_alignment],
+        spin=models.spin_wait))
     model.choice = choice
     return model

@@ -35,9 +35,14 @@ def choose_providers(requested) -> list[str]:
 
 
 def load_session(path, providers=DEFAULT_PROVIDERS, threads: int = 0,
-                 what: str = "model", cpu_arena: bool = False) -> ort.InferenceSession:
-    """`cpu_arena`: onnxruntime's CPU memory arena and memory patterns. Off by default: they
-    keep the largest batch's buffers for the life of the process (detector at batch 8 of 1080p
+                 what: str = "model", cpu_arena: bool = False,
+                 spin: bool = False) -> ort.InferenceSession:
+    """`spin`: onnxruntime's intra-op threads busy-wait for work between operators (its
+    default). Off by default: the daemon's stages share the CPU with each other and with video
+    decoding, and spinning threads burn the cores those need (measured on 2 cores beside other
+    work: the int8 detector took 52 core-ms a 720p frame spinning, 31 without, and was faster).
+    `cpu_arena`: onnxruntime's CPU memory arena and memory patterns. Off by default: they keep
+    the largest batch's buffers for the life of the process (detector at batch 8 of 1080p
     frames: ~27 MB more RSS, no measurable speed-up here); the embedder turns them on (its
     batches of small crops run ~20% faster with them)."""
     path = Path(path)
@@ -45,6 +50,7 @@ def load_session(path, providers=DEFAULT_PROVIDERS, threads: int = 0,
         raise ModelError(f"{what} file not found: {path}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = cpu_arena
     options.enable_mem_pattern = cpu_arena

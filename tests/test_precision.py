@@ -121,3 +121,21 @@ def test_a_corrupt_int8_copy_is_named_and_a_wrong_model_still_names_the_configur
     with pytest.raises(ModelError) as exc:
         landmark_model_from_config(models_section(tmp_path), "five_point")
     assert str(tmp_path / "face_landmarks.onnx") in str(exc.value)
+
+
+@pytest.mark.parametrize("spin_wait", [False, True])
+def test_models_spin_wait_reaches_every_onnxruntime_session(spin_wait):
+    """models.spin_wait (default off: spinning threads starve decoding and the other stages on
+    a shared CPU) is what the detector, landmark and embedder sessions run with."""
+    from facewatch.stages.face_detector import detector_from_config
+    from facewatch.stages.face_embedder import embedder_from_config
+    from facewatch.stages.face_landmarks import landmark_model_from_config
+
+    m = models_section(MODELS_DIR, **({"spin_wait": True} if spin_wait else {}))
+    sessions = {"detector": detector_from_config(m).session,
+                "landmarks": landmark_model_from_config(m, "five_point").session,
+                "embedder": embedder_from_config(m).session}
+    want = "1" if spin_wait else "0"
+    assert {k: s.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") for k, s in sessions.items()} == \
+        dict.fromkeys(sessions, want)
