@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facewatch.training.detection_metrics import average_precision, evaluate, iou_matrix
-from facewatch.training.wider_gt import read_wider_gt
+from facewatch.training.detection_metrics import (average_precision, evaluate, iou_matrix,
+                                                  recall_by_attribute)
+from facewatch.training.wider_gt import ATTRIBUTES, read_wider_gt
 
 B = np.array
 
@@ -56,10 +57,12 @@ def test_average_precision_all_point_interpolation():
 
 def test_wider_gt_reader(tmp_path):
     gt = tmp_path / "gt.txt"
-    gt.write_text("a/x.jpg\n2\n10 20 30 40 0 0 0 0 0 0\n1 1 5 5 0 0 0 1 0 0\nb/y.jpg\n0\n0 0 0 0 0 0 0 0 0 0\n")
+    gt.write_text("a/x.jpg\n2\n10 20 30 40 2 1 0 0 1 0\n1 1 5 5 0 0 1 1 2 1\nb/y.jpg\n0\n0 0 0 0 0 0 0 0 0 0\n")
     records = read_wider_gt(gt)
     assert [r.image for r in records] == ["a/x.jpg", "b/y.jpg"]
     assert np.allclose(records[0].boxes[0], [10, 20, 40, 60]) and records[0].invalid.tolist() == [False, True]
+    # blur, expression, illumination, occlusion, pose (the invalid flag is not an attribute)
+    assert records[0].attributes.tolist() == [[2, 1, 0, 1, 0], [0, 0, 1, 2, 1]]
     assert len(records[1].boxes) == 0
 
 
@@ -68,3 +71,22 @@ def test_wider_gt_reader_names_the_bad_line(tmp_path):
     gt.write_text("a/x.jpg\ntwo\n")
     with pytest.raises(ValueError, match="WIDER FACE ground-truth format near line 1"):
         read_wider_gt(gt)
+
+
+def test_recall_by_attribute_counts_covered_faces_per_value():
+    gt = B([[0, 0, 40, 40], [100, 100, 150, 150], [200, 200, 250, 250], [300, 300, 310, 310]],
+           np.float32)
+    invalid = B([False, False, True, False])
+    # blur, expression, illumination, occlusion, pose: face 0 clear, face 1 heavily occluded
+    attrs = B([[0, 0, 0, 0, 0], [0, 0, 0, 2, 0], [0, 0, 0, 2, 0], [2, 0, 0, 0, 0]], np.int8)
+    dets = B([[0, 0, 40, 40], [100, 100, 150, 150]], np.float32)
+    scores = B([0.9, 0.1], np.float32)
+    image = [(dets, scores, gt, invalid, attrs)]
+    low = recall_by_attribute(image, ATTRIBUTES, 0.05, min_height=32)
+    high = recall_by_attribute(image, ATTRIBUTES, 0.25, min_height=32)
+    # the invalid face and the 10 px one are not counted
+    assert low["occlusion"]["none"] == {"faces": 1, "recall": 1.0}
+    assert low["occlusion"]["heavy"] == {"faces": 1, "recall": 1.0}
+    assert high["occlusion"]["heavy"] == {"faces": 1, "recall": 0.0}   # its box scored 0.1
+    assert high["blur"]["clear"] == {"faces": 2, "recall": 0.5}
+    assert high["blur"]["heavy"] == {"faces": 0, "recall": None}

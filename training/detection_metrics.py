@@ -82,3 +82,27 @@ def evaluate(per_image, min_height: float = 0.0, iou_threshold: float = 0.5,
     precision, recall = precision_recall(scores, tps, n_pos)
     return {"ap50": average_precision(precision, recall),
             "recall_at_p90": recall_at_precision(precision, recall, 0.9), "faces": n_pos}
+
+
+def recall_by_attribute(per_image, attribute_names: dict, min_score: float,
+                        min_height: float = 0.0) -> dict:
+    """Share of valid faces at least `min_height` px tall that some detection scoring >=
+    `min_score` covers at IoU >= 0.5, for each value of each attribute: where a detector's
+    misses are. per_image: iterable of (det_boxes, det_scores, gt_boxes, gt_invalid,
+    gt_attributes (N, len(attribute_names)) ints); attribute_names: {name: value labels}."""
+    found, attrs = [], []
+    for boxes, scores, gt_boxes, gt_invalid, gt_attributes in per_image:
+        heights = gt_boxes[:, 3] - gt_boxes[:, 1]
+        keep = ~gt_invalid & (heights >= min_height)
+        ious = iou_matrix(boxes[scores >= min_score], gt_boxes[keep])
+        found.append(ious.max(axis=0) >= 0.5 if ious.size else np.zeros(int(keep.sum()), bool))
+        attrs.append(gt_attributes[keep])
+    found = np.concatenate(found) if found else np.zeros(0, bool)
+    attrs = np.concatenate(attrs) if attrs else np.zeros((0, len(attribute_names)), np.int8)
+    out = {}
+    for column, (name, labels) in enumerate(attribute_names.items()):
+        out[name] = {label: {"faces": int((attrs[:, column] == value).sum()),
+                             "recall": round(float(found[attrs[:, column] == value].mean()), 4)
+                             if (attrs[:, column] == value).any() else None}
+                     for value, label in enumerate(labels)}
+    return out

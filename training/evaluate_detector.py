@@ -23,14 +23,15 @@ import cv2
 import numpy as np
 
 from facewatch.stages.face_detector import FaceDetector
-from facewatch.training.detection_metrics import evaluate
+from facewatch.training.detection_metrics import evaluate, recall_by_attribute
 from facewatch.training.landmark_metrics import landmark_nme, match_faces, summarise_nme
-from facewatch.training.wider_gt import read_wider_gt
+from facewatch.training.wider_gt import ATTRIBUTES, read_wider_gt
 
 LARGE_FACE_PX = 32
 SMALL_FACE_PX = 16  # the small band scored on its own: 16 <= height < 32 px
 # A low threshold traces the whole precision/recall curve; the daemon uses its own, higher one.
 EVAL_CONF = 0.01
+DAEMON_CONF = 0.25   # models.detector_conf's default: the breakdown by attribute at both
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +85,7 @@ def landmark_errors(det, labels, image: str) -> tuple[np.ndarray, np.ndarray, np
 
 def evaluate_detector(detector: FaceDetector, records, images_dir: Path, labels=None) -> dict:
     """Box AP (and, with `labels` (LandmarkLabels), landmark NME) of `detector` on `records`."""
-    per_image, seconds, missing = [], 0.0, []
+    per_image, seconds, missing, attributes = [], 0.0, [], []
     nme, nme_prior, matched_heights, labelled_heights = [], [], [], []
     for record in records:
         frame = cv2.imread(str(images_dir / record.image))
@@ -95,6 +96,8 @@ def evaluate_detector(detector: FaceDetector, records, images_dir: Path, labels=
         det = detector.detect([frame])[0]
         seconds += time.perf_counter() - start
         per_image.append((det.boxes, det.scores, record.boxes, record.invalid))
+        if record.attributes is not None:
+            attributes.append(record.attributes)
         if labels is not None and record.image in labels:
             model, prior, matched, labelled = landmark_errors(det, labels, record.image)
             nme.append(model)
@@ -114,6 +117,11 @@ def evaluate_detector(detector: FaceDetector, records, images_dir: Path, labels=
               "ms_per_image": round(1000 * seconds / len(per_image), 2),
               "images": len(per_image), "unreadable_images": len(missing),
               "faces": everything["faces"], "faces_large": large["faces"]}
+    if len(attributes) == len(per_image):   # where the large faces it misses are
+        with_attributes = [(*p, a) for p, a in zip(per_image, attributes)]
+        result["recall_large_by_attribute"] = {
+            f"score_{conf}": recall_by_attribute(with_attributes, ATTRIBUTES, conf, LARGE_FACE_PX)
+            for conf in (DAEMON_CONF, EVAL_CONF)}
     if labels is not None:
         result.update(landmark_summary(detector.gives_landmarks, nme, nme_prior, matched_heights,
                                        labelled_heights))
@@ -134,6 +142,19 @@ def landmark_summary(has_landmarks: bool, nme, nme_prior, matched_heights, label
             "landmark_faces": prior["landmark_faces"], "landmark_faces_labelled": total}
         out.update({f"{k}{suffix}": v for k, v in summary.items()})
     return out
+
+
+def print_attribute_recall(by_conf: dict) -> None:
+    """One line per WIDER attribute value: faces >= 32 px and the share found at each score."""
+    confs = list(by_conf)
+    print(f"faces >= {LARGE_FACE_PX} px covered by a box (IoU >= 0.5), by WIDER attribute, at "
+          + " / ".join(c.replace("score_", "score >= ") for c in confs))
+    for name, values in by_conf[confs[0]].items():
+        cells = [f"{label} {v['faces']}: " + " / ".join(
+            "-" if by_conf[c][name][label]["recall"] is None
+            else f"{by_conf[c][name][label]['recall']:.3f}" for c in confs)
+            for label, v in values.items()]
+        print(f"  {name:<13}" + "   ".join(cells))
 
 
 def select_records(gt: Path, split: str, limit: int | None):
@@ -180,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"AP50 faces {SMALL_FACE_PX}-{LARGE_FACE_PX} px        {result['ap50_small']:.4f}")
     print(f"recall at precision 0.9  {result['recall_at_p90']:.4f}")
     print(f"ms per image             {result['ms_per_image']:.2f}")
+    if "recall_large_by_attribute" in result:
+        print_attribute_recall(result["recall_large_by_attribute"])
     if "photo_check" in result:
         print(f"photo check              {result['photo_check']:.4f} ({result['photos']} LFW validation "
               f"photos: {result['photos_missed']} missed, {result['photos_duplicated']} with two boxes "
