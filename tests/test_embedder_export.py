@@ -180,3 +180,36 @@ def test_export_writes_the_impostor_far_table(exported):
     info = read_embedder_info(onnx_path)
     assert info.far_table == table and table.pairs > 100_000
     assert info.threshold == 0.42   # the rest of the metadata is kept
+
+
+def test_at_face_height_blurs_a_large_face_and_leaves_a_small_one():
+    from facewatch.stages.quality import sharpness
+    from facewatch.training.embedder_data import at_face_height
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (200, 200, 3), np.uint8)
+    box = np.array([50, 50, 150, 150], np.float32)      # a 100 px face
+    small = at_face_height(frame, box, 25)
+    assert small.shape == frame.shape
+    assert sharpness(small[None])[0] < 0.2 * sharpness(frame[None])[0]
+    assert at_face_height(frame, box, 120) is frame      # already smaller than asked
+
+
+@pytest.mark.skipif(not COMMITTED_MODEL.is_file(), reason=f"{COMMITTED_MODEL} not exported yet")
+def test_evaluate_embedder_face_px_reports_smaller_faces(capsys):
+    """--face-px crops the validation faces as if they were that small: the crops the quality
+    gate sees get softer; and it refuses to write that degraded table into the model."""
+    if not LFW.is_dir():
+        pytest.skip(f"LFW images not found at {LFW}")
+    from facewatch.daemon.cli import main
+
+    assert main(["evaluate-embedder", "--model", str(COMMITTED_MODEL), "--max-pairs", "600",
+                 "--images", str(LFW), "--face-px", "32"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["face_px"] == 32 and result["accuracy"] > 0.7, result
+    # the photos' faces are ~100 px (crop sharpness p50 ~113 as they are); as 32 px faces
+    # their crops lose most of their detail
+    assert result["crop_sharpness"]["p50"] < 40, result["crop_sharpness"]
+    with pytest.raises(SystemExit, match="--write-metadata with --face-px"):
+        main(["evaluate-embedder", "--model", str(COMMITTED_MODEL), "--face-px", "32",
+              "--write-metadata"])

@@ -108,17 +108,34 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
+def at_face_height(frame: np.ndarray, box: np.ndarray, face_px: float) -> np.ndarray:
+    """The frame as a camera would give it with this face `face_px` tall: downscaled (area
+    average) and scaled back up to its own size, so boxes and landmarks still apply. A face
+    already smaller is left as it is."""
+    factor = face_px / max(float(box[3] - box[1]), 1.0)
+    if factor >= 1.0:
+        return frame
+    h, w = frame.shape[:2]
+    small = cv2.resize(frame, (max(1, round(w * factor)), max(1, round(h * factor))),
+                       interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 def crop_images(paths: list[Path], boxer: FaceBoxer, spec: CropSpec,
                 faces: list[tuple[np.ndarray, np.ndarray | None]] | None = None,
-                batch: int = 16) -> tuple[np.ndarray, int]:
+                batch: int = 16, face_px: float | None = None) -> tuple[np.ndarray, int]:
     """(N, size, size, 3) uint8 BGR crops, one face per image, and how many were aligned on
-    their own landmarks. `faces` gives (box, landmarks) per image instead of the boxer's."""
+    their own landmarks. `faces` gives (box, landmarks) per image instead of the boxer's.
+    `face_px`: crop each face as if it were that many pixels tall (`at_face_height`); boxes
+    and landmarks come from the full-resolution image."""
     out = np.empty((len(paths), spec.size, spec.size, 3), np.uint8)
     aligned = 0
     for start in range(0, len(paths), batch):
         frames = [read_image(p) for p in paths[start:start + batch]]
         found = faces[start:start + batch] if faces is not None else boxer.faces(frames)
         for i, (frame, (box, points)) in enumerate(zip(frames, found)):
+            if face_px is not None:
+                frame = at_face_height(frame, box, face_px)
             crop, ok = crop_faces(frame, box[None], spec, None if points is None else points[None])
             out[start + i] = crop[0]
             aligned += int(ok[0])

@@ -96,27 +96,42 @@ def impostor_table(keys: list[tuple[str, int]], embeddings: dict, source: str):
 
 
 def evaluate_pairs(embedder, pairs: list[Pair], folds: list[int], images_dir: Path,
-                   boxer: FaceBoxer, roc_png: Path | None = None, source: str = "pairs") -> dict:
+                   boxer: FaceBoxer, roc_png: Path | None = None, source: str = "pairs",
+                   face_px: float | None = None) -> dict:
     keys = sorted({(p.name1, p.index1) for p in pairs} | {(p.name2, p.index2) for p in pairs})
     missing = [image_path(images_dir, n, i) for n, i in keys if not image_path(images_dir, n, i).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} pair images are missing, e.g. {missing[0]}")
     start = time.monotonic()
     crops, aligned = crop_images([image_path(images_dir, n, i) for n, i in keys], boxer,
-                                 embedder.crop_spec)
+                                 embedder.crop_spec, face_px=face_px)
     embeddings = embed_images(embedder, keys, crops)
     scores = pair_scores(pairs, embeddings)
     labels = np.array([p.same for p in pairs])
     report = verification_report(scores, labels, folds)
     report.update(images=len(keys), centre_box_fallbacks=boxer.fallbacks, boxes_from=boxer.description,
                   crop_alignment=embedder.crop_spec.alignment, aligned_on_landmarks=aligned,
-                  seconds=round(time.monotonic() - start, 1))
+                  seconds=round(time.monotonic() - start, 1), face_px=face_px,
+                  crop_sharpness=sharpness_summary(crops))
     report["impostor_far_table"] = impostor_table(
         keys, embeddings, f"{source}: every cross-identity pair of its {len(keys)} images, "
                           f"{embedder.crop_spec.alignment} crops, boxes from {boxer.description}")
     if roc_png is not None:
         save_roc_png(scores, labels, roc_png, title=f"ROC ({len(pairs)} pairs)")
     return report
+
+
+def sharpness_summary(crops: np.ndarray) -> dict:
+    """What the daemon's quality gate (detect.min_blur) would measure on these crops."""
+    from facewatch.daemon.config import DetectConfig
+    from facewatch.stages.quality import sharpness
+
+    values = sharpness(crops)
+    min_blur = DetectConfig.model_fields["min_blur"].default
+    return {"p10": round(float(np.percentile(values, 10)), 1),
+            "p50": round(float(np.median(values)), 1),
+            "p90": round(float(np.percentile(values, 90)), 1),
+            "min_blur": min_blur, "under_min_blur": round(float((values < min_blur).mean()), 4)}
 
 
 def load_embedder(path: Path, flip_average: bool | None = None):
@@ -154,6 +169,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "daemon runs it; 'none': the detector's own keypoints or the box fallback")
     parser.add_argument("--detector-imgsz", type=int, default=DETECTOR_IMGSZ,
                         help="detector input size (same default as the training crop cache)")
+    parser.add_argument("--face-px", type=float, default=None,
+                        help="crop every face as if it were this many pixels tall in the frame "
+                             "(downscaled and scaled back; boxes and landmarks from the full "
+                             "image): how accuracy and crop sharpness fall with face size")
     parser.add_argument("--roc-png", type=Path, default=None, help="write the ROC curve here")
     parser.add_argument("--max-pairs", type=int, default=None,
                         help="evaluate an evenly spread subset of this many pairs")
@@ -190,6 +209,9 @@ def run(args: argparse.Namespace) -> int:
     images = Path(args.images or default_images_dir())
     if not images.is_dir():
         raise FileNotFoundError(f"images folder not found: {images}")
+    if args.face_px is not None and args.write_metadata:
+        raise SystemExit("--write-metadata with --face-px would store the impostor table of "
+                         "degraded faces as the model's open-set calibration; run them apart")
     pairs, folds = read_pairs(args.pairs)
     if args.max_pairs:
         pairs, folds = subset_pairs(pairs, folds, args.max_pairs)
@@ -203,11 +225,15 @@ def run(args: argparse.Namespace) -> int:
     boxer = FaceBoxer(detector, args.detector_imgsz,
                       landmarks=landmarks_to_run(embedder.crop_spec.alignment, landmarks))
     report = evaluate_pairs(embedder, pairs, folds, images, boxer, args.roc_png,
-                            source=Path(args.pairs).name)
+                            source=Path(args.pairs).name, face_px=args.face_px)
     table = report["impostor_far_table"]
     print(f"pairs: {report['pairs']} ({len(set(folds))} folds), images: {report['images']}, "
           f"boxes: {report['boxes_from']}, centre-box fallbacks: {report['centre_box_fallbacks']}, "
           f"{report['crop_alignment']} crops, {report['aligned_on_landmarks']} aligned on landmarks")
+    sharp = report["crop_sharpness"]
+    print(f"faces {'as ' + format(args.face_px, 'g') + ' px tall' if args.face_px else 'as in the images'}: "
+          f"crop sharpness p10/p50/p90 {sharp['p10']}/{sharp['p50']}/{sharp['p90']}, "
+          f"{sharp['under_min_blur']:.1%} under detect.min_blur {sharp['min_blur']:g}")
     print(f"10-fold accuracy: {report['accuracy']:.4f} +- {report['accuracy_std']:.4f}")
     print(f"ROC AUC: {report['auc']:.4f}   TAR@FAR=1e-3: {report['tar_at_far_1e-3']:.4f}")
     print(f"best threshold (cosine similarity, all pairs): {report['threshold']:.4f} "
@@ -223,5 +249,6 @@ def run(args: argparse.Namespace) -> int:
                                              "threshold_at_far_1e-3", "crop_alignment",
                                              "aligned_on_landmarks")}
                      | {"pairs": report["pairs"], "model": str(args.model),
+                        "face_px": args.face_px, "crop_sharpness": report["crop_sharpness"],
                         "impostor_far_table": json.loads(table.to_json())}))
     return 0
