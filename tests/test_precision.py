@@ -131,9 +131,12 @@ def test_models_spin_wait_reaches_every_onnxruntime_session(spin_wait):
     from facewatch.stages.face_embedder import embedder_from_config
     from facewatch.stages.face_landmarks import landmark_model_from_config
 
+    from facewatch.stages.embedder_info import read_embedder_info
+
     m = models_section(MODELS_DIR, **({"spin_wait": True} if spin_wait else {}))
+    alignment = read_embedder_info(m.embedder).crop_spec(None, None).alignment
     sessions = {"detector": detector_from_config(m).session,
-                "landmarks": landmark_model_from_config(m, "five_point").session,
+                "landmarks": landmark_model_from_config(m, alignment).session,
                 "embedder": embedder_from_config(m).session}
     want = "1" if spin_wait else "0"
     assert {k: s.get_session_options().get_session_config_entry(
