@@ -210,6 +210,10 @@ def test_evaluate_embedder_face_px_reports_smaller_faces(capsys):
     # the photos' faces are ~100 px (crop sharpness p50 ~113 as they are); as 32 px faces
     # their crops lose most of their detail
     assert result["crop_sharpness"]["p50"] < 40, result["crop_sharpness"]
+    with pytest.raises(SystemExit):   # argparse: not a face height
+        main(["evaluate-embedder", "--model", str(COMMITTED_MODEL), "--face-px", "-3"])
+    assert "--face-px must be a face height of at least 4 pixels, got '-3'" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit, match="--write-metadata with --face-px"):
         main(["evaluate-embedder", "--model", str(COMMITTED_MODEL), "--face-px", "32",
               "--write-metadata"])

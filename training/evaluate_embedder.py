@@ -154,6 +154,17 @@ def load_embedder(path: Path, flip_average: bool | None = None):
     return FaceEmbedder(path, providers=("CPUExecutionProvider",), flip_average=flip_average)
 
 
+def _positive_px(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value >= 4:
+        raise argparse.ArgumentTypeError(f"--face-px must be a face height of at least 4 pixels, "
+                                         f"got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir
 
@@ -169,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "daemon runs it; 'none': the detector's own keypoints or the box fallback")
     parser.add_argument("--detector-imgsz", type=int, default=DETECTOR_IMGSZ,
                         help="detector input size (same default as the training crop cache)")
-    parser.add_argument("--face-px", type=float, default=None,
+    parser.add_argument("--face-px", type=_positive_px, default=None,
                         help="crop every face as if it were this many pixels tall in the frame "
                              "(downscaled and scaled back; boxes and landmarks from the full "
                              "image): how accuracy and crop sharpness fall with face size")
