@@ -46,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("facewatch.daemon.keys_command", "make CURVE keys for the encrypted event socket"),
     "train-detector": ("facewatch.training.train_detector", "train the YOLOv8 face detector"),
     "label-faces": ("facewatch.training.pseudo_labels", "label detector training images with the CenterFace teacher"),
+    "pack-detector-data": ("facewatch.training.pack_detector_data", "the detector's training set, resized, as one folder for a GPU host"),
     "quantize-model": ("facewatch.export.quantize_onnx", "int8 copy of a model for CPU inference, calibrated on training images"),
     "export-detector": ("facewatch.export.detector_onnx", "export a detector checkpoint to ONNX"),
     "evaluate-detector": ("facewatch.training.evaluate_detector", "AP of a detector on WIDER FACE format"),

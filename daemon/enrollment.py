@@ -6,7 +6,10 @@ one the daemon and the embedder's training use.
 
 Which face: the only one, or the dominant one, clearly the largest (at least DOMINANT_AREA_RATIO
 times the area of the next); otherwise the photo is refused with the faces listed (largest
-first) so the operator can choose one with `--face N` or crop the photo. A face that fills the
+first) so the operator can choose one with `--face N` or crop the photo. A box scoring under
+COMPETING_SCORE_RATIO of the best score does not compete: an enrollment photo is a deliberate
+portrait, and such boxes are the detector's doubtful ones (a 0.47 box on the painting behind a
+0.91 face refused a shared enrollment photo). A face that fills the
 photo is too large for the detector's training distribution: when the photo itself shows no
 face, it is detected again shrunk into a larger canvas (PAD_CANVASES), as if it had been taken
 from further away.
@@ -39,6 +42,7 @@ MIN_FACE_HEIGHT_PX = 40         # face box height in the photo; smaller faces em
 # gives a median of 18; a 40 px face upscaled gives 28 (1st percentile).
 MIN_SHARPNESS = 25.0
 DOMINANT_AREA_RATIO = 2.0       # the largest face is taken when at least this x the next one's area
+COMPETING_SCORE_RATIO = 0.6     # boxes under this x the best score do not make a photo ambiguous
 # Canvas sizes (x the photo's longer side) the photo is centred in when it shows no face as it
 # is: a face filling a portrait photo is found once it fills about half the detector's input.
 PAD_CANVASES = (2.0, 3.0)
@@ -156,14 +160,16 @@ def face_sample(path: Path, frame: np.ndarray, detections: Detections, embedder:
     if len(detections) == 0:
         raise EnrollmentError(f"no face found in {path}")
     order = np.argsort(-_area(detections.boxes), kind="stable")
-    areas = _area(detections.boxes)[order]
+    competing = [int(i) for i in order
+                 if detections.scores[i] >= COMPETING_SCORE_RATIO * float(detections.scores.max())]
+    areas = _area(detections.boxes)[competing]
     if face is not None:
         if not 1 <= face <= len(order):
             raise EnrollmentError(f"--face {face}: {path} has {len(order)} face"
                                   f"{'s' if len(order) != 1 else ''} (1 = the largest)")
         pick = int(order[face - 1])
-    elif len(order) == 1 or areas[0] >= DOMINANT_AREA_RATIO * areas[1]:
-        pick = int(order[0])
+    elif len(competing) == 1 or areas[0] >= DOMINANT_AREA_RATIO * areas[1]:
+        pick = competing[0]
     else:
         listed = "; ".join(
             f"{n}: [{', '.join(str(int(round(v))) for v in detections.boxes[i])}] "

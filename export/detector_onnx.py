@@ -20,7 +20,8 @@ from facewatch.training.ultralytics_env import configure_offline
 log = logging.getLogger("facewatch.export")
 TRAINING_DATA = ("WIDER FACE validation images (1,450, shared copy), split by event class: "
                  "training/splits/widerface_split.json; plus, where `training_sources` says so, "
-                 "images labelled by the CenterFace teacher (`facewatch label-faces`)")
+                 "images labelled by the CenterFace teacher (`facewatch label-faces`) and other "
+                 "labelled sources under runs/detector/pseudo/ (models/README.md names each)")
 LANDMARK_SOURCE = ("pseudo-labels from dlib's shape_predictor_5_face_landmarks inside each WIDER box "
                    "(faces >= 16 px tall with plausible points): training/widerface_landmarks.py")
 

@@ -156,3 +156,55 @@ def test_train_pose_one_epoch_then_export(tiny_wider, tmp_path):
     frames = [cv2.imread(str(p)) for p in sorted((root / "images/12--Group").glob("12_*.jpg"))[:2]]
     found = detector.detect(frames)  # dynamic batch axis
     assert len(found) == 2 and all(d.landmarks.shape == (len(d), 5, 2) for d in found)
+
+
+def test_pack_detector_data_shrinks_images_and_keeps_what_training_reads(tiny_wider, runs, tmp_path):
+    """`facewatch pack-detector-data`: resized WebP images, labels unchanged, the same checks and
+    pseudo samples as train-detector, and a split file train-detector accepts (GPU hosts)."""
+    import numpy as np
+
+    from facewatch.training.widerface import write_dataset_yaml
+
+    root, split = tiny_wider
+    few = runs / "detector/pseudo/few"
+    for image in sorted((root / "images/12--Group").glob("*.jpg"))[:3]:
+        if image.stem in ("corrupt", "badlabel"):
+            continue
+        (few / "images").mkdir(parents=True, exist_ok=True)
+        (few / "labels").mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, few / "images" / image.name)
+        shutil.copy((root / "labels/12--Group" / image.name).with_suffix(".txt"), few / "labels")
+    out = tmp_path / "packed"
+    cmd = [sys.executable, "-m", "facewatch.daemon.cli", "pack-detector-data", str(out), "--data", str(root),
+           "--split", str(split), "--pseudo", "few:1", "--max-side", "320", "--val-every", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert (report["train"], report["val"], report["pseudo"]) == (4, 1, {"few": 1})
+    assert set(report["skipped"]) == {"12--Group/corrupt.jpg", "12--Group/badlabel.jpg"}
+    packed = json.loads((out / "split.json").read_text())
+    assert len(packed["train"]) == 4 and all(rel.endswith(".webp") for rel in packed["train"])
+    for rel in packed["train"] + packed["val"]:
+        image = cv2.imread(str(out / "widerface/images" / rel))
+        original = cv2.imread(str((root / "images" / rel).with_suffix(".jpg")))
+        assert max(image.shape[:2]) == min(320, max(original.shape[:2]))
+        assert abs(image.shape[1] / image.shape[0] - original.shape[1] / original.shape[0]) < 0.01
+        label = (out / "widerface/labels" / rel).with_suffix(".txt")
+        assert np.array_equal(np.loadtxt(label, ndmin=2),
+                              np.loadtxt((root / "labels" / rel).with_suffix(".txt"), ndmin=2))
+    assert len(list((out / "runs/detector/pseudo/few/images").glob("*.webp"))) == 1
+    _, dataset = write_dataset_yaml(out / "widerface", tmp_path / "dataset", out / "split.json")
+    assert dataset["train"] == {"images": 4, "skipped": 0, "skipped_reasons": {}}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert again.returncode != 0 and "is not empty: pack into a new folder" in again.stderr
+
+
+def test_evaluate_detector_skips_named_events(tmp_path):
+    from facewatch.training.evaluate_detector import select_records
+
+    gt = tmp_path / "gt.txt"
+    gt.write_text("2--Demonstration/a.jpg\n1\n10 10 40 40 0 0 0 0 0 0\n"
+                  "12--Group/b.jpg\n1\n10 10 40 40 0 0 0 0 0 0\n")
+    assert [r.image for r in select_records(gt, "all", None, ["2--Demonstration"])] == ["12--Group/b.jpg"]
+    with pytest.raises(ValueError, match="--skip-event 3--Riot: no such event folder"):
+        select_records(gt, "all", None, ["3--Riot"])

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from facewatch.daemon.enrollment import (MAX_IMAGE_PIXELS, MIN_SHARPNESS, EnrollmentError, detect_faces,
+from facewatch.daemon.enrollment import (COMPETING_SCORE_RATIO, MAX_IMAGE_PIXELS, MIN_SHARPNESS, EnrollmentError, detect_faces,
                                enroll_images, face_sample, load_image, prepare, sharpness)
 from facewatch.stages.detections import Detections
 from facewatch.stages.face_crop import DEFAULT_CROP_SIZE
@@ -287,3 +287,20 @@ def test_enroll_command(tmp_path):
     assert f"enrolled obama (person 1): {len(photos)} new embeddings" in r.stdout
     with Gallery(gallery, create=False) as g:
         assert [(p.name, p.n_embeddings) for p in g.persons()] == [("obama", len(photos))]
+
+
+@needs_lfw
+def test_a_doubtful_box_does_not_compete_with_a_confident_face():
+    """A large box scoring under COMPETING_SCORE_RATIO of the best (the detector's 0.47 box on the
+    painting behind biden2.jpg's 0.91 face) no longer refuses the photo; --face still counts it."""
+    frame, box = lfw_photo()   # the subject: 100 x 115 px
+    background = np.array([0, 0, 120, 150], np.float32)   # 1.6x the subject's area
+    scores = np.array([0.47, 0.91], np.float32)
+    assert scores[0] < COMPETING_SCORE_RATIO * scores[1]
+    sample = face_sample(Path("p.jpg"), frame, Detections(np.stack([background, box]), scores), CropSpec())
+    assert sample.box.tolist() == box.tolist() and sample.score == pytest.approx(0.91)
+    close = np.array([0.7, 0.91], np.float32)   # a competitor: the photo stays ambiguous
+    with pytest.raises(EnrollmentError, match="2 faces found in p.jpg and none is clearly the largest"):
+        face_sample(Path("p.jpg"), frame, Detections(np.stack([background, box]), close), CropSpec())
+    with pytest.raises(EnrollmentError, match="--face 3: p.jpg has 2 faces"):
+        face_sample(Path("p.jpg"), frame, Detections(np.stack([background, box]), scores), CropSpec(), face=3)

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score only this side of the committed WIDER split (default: every record)")
     parser.add_argument("--imgsz", type=int, default=None, help="inference size (default: model's)")
     parser.add_argument("--limit", type=int, default=None, help="score the first N images only")
+    parser.add_argument("--skip-event", action="append", default=[], metavar="EVENT",
+                        help="leave out an event class (e.g. 2--Demonstration: one whose scene type a "
+                             "training source also has, so the split's unseen-event rule holds); repeatable")
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"],
                         help="onnxruntime execution providers, in order of preference")
     parser.add_argument("--landmarks", type=Path, default=None,
@@ -157,8 +160,15 @@ def print_attribute_recall(by_conf: dict) -> None:
         print(f"  {name:<13}" + "   ".join(cells))
 
 
-def select_records(gt: Path, split: str, limit: int | None):
+def select_records(gt: Path, split: str, limit: int | None, skip_events: list[str] = ()):
     records = read_wider_gt(gt)
+    if skip_events:
+        known = {r.image.split("/", 1)[0] for r in records}
+        unknown = sorted(set(skip_events) - known)
+        if unknown:
+            raise ValueError(f"--skip-event {', '.join(unknown)}: no such event folder in {gt} "
+                             f"(expected names like 2--Demonstration)")
+        records = [r for r in records if r.image.split("/", 1)[0] not in skip_events]
     if split != "all":
         from facewatch.training.widerface import load_split
 
@@ -186,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"images folder not found: {args.images}")
     detector = FaceDetector(args.model, providers=args.providers, conf_threshold=EVAL_CONF,
                             imgsz=args.imgsz, landmarks=args.landmarks)
-    records = select_records(args.gt, args.split, args.limit)
+    records = select_records(args.gt, args.split, args.limit, args.skip_event)
     labels = None
     if (args.images.parent / "labels").is_dir() and not args.no_landmarks:
         labels = landmark_labels(args.images.parent)

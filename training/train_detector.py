@@ -145,26 +145,31 @@ def train(args: argparse.Namespace) -> Path:
 
 def add_pseudo_sources(train_list: Path, sources: list[str], seed: int = 0) -> dict[str, int]:
     """Append teacher-labelled images (`NAME[:MAX]`, a fixed random sample) to the training list."""
-    from facewatch.training.pseudo_labels import pseudo_root
-
     added = {}
     for spec in sources:
-        name, _, cap = spec.partition(":")
-        folder = pseudo_root() / name / "images"
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no teacher-labelled images at {folder}: run "
-                                    f"`facewatch label-faces --source ...` for {name!r} first")
-        images = sorted(p for p in folder.iterdir()
-                        if (folder.parent / "labels" / f"{p.stem}.txt").is_file())
-        if cap:
-            if not cap.isdigit():
-                raise ValueError(f"--pseudo {spec}: MAX must be a whole number of images")
-            rng = np.random.default_rng(seed)
-            images = sorted(rng.permutation(np.array(images, dtype=object))[: int(cap)].tolist())
+        name, images = pseudo_sample(spec, seed)
         with train_list.open("a") as out:
             out.writelines(f"{p}\n" for p in images)
         added[name] = len(images)
     return added
+
+
+def pseudo_sample(spec: str, seed: int = 0) -> tuple[str, list[Path]]:
+    """The labelled images of `NAME[:MAX]` under runs/detector/pseudo: all, or a fixed sample of MAX."""
+    from facewatch.training.pseudo_labels import pseudo_root
+
+    name, _, cap = spec.partition(":")
+    folder = pseudo_root() / name / "images"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no teacher-labelled images at {folder}: run "
+                                f"`facewatch label-faces --source ...` for {name!r} first")
+    images = sorted(p for p in folder.iterdir() if (folder.parent / "labels" / f"{p.stem}.txt").is_file())
+    if cap:
+        if not cap.isdigit():
+            raise ValueError(f"--pseudo {spec}: MAX must be a whole number of images")
+        rng = np.random.default_rng(seed)
+        images = sorted(rng.permutation(np.array(images, dtype=object))[: int(cap)].tolist())
+    return name, images
 
 
 def box_init_checkpoint(args: argparse.Namespace, project: Path, data_root: Path) -> Path | None:
