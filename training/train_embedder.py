@@ -5,6 +5,8 @@
     facewatch train-embedder --teacher dlib --unlabelled-teacher ...     # + WIDER and clip faces
     facewatch train-embedder --teacher sface --alignment arcface_five_point --landmarks yunet \
         --unlabelled-folder ../extra/utkface/data/UTKFace/unlabeled ...  # + any folder of faces
+    facewatch train-embedder ... --labelled-folder ../extra/cfp/cfp-dataset/Data/Images \
+        --labelled-keep training/splits/cfp_keep.txt     # + identities from DIR/<identity>/...
 
 A run lives in `runs/embedder/<out>/`: `last.weights.h5` + `state.json` (resume point: network,
 loss weights, optimizer state, epoch, elapsed time), `embedder.keras` (latest embedding network),
@@ -46,7 +48,7 @@ ARCHITECTURE_ARGS = ("backbone", "loss", "mining", "embedding_size", "arc_scale"
                      "alignment", "landmarks", "teacher", "distill_weight", "relation_weight",
                      "unlabelled_teacher", "unlabelled_folder", "unlabelled_share",
                      "unlabelled_max_images",
-                     "unlabelled_max_frames", "input_size")
+                     "unlabelled_max_frames", "input_size", "labelled_folder", "labelled_keep")
 # Architecture keys added after runs existed: what a saved state without them was trained with
 # (a missing key must not come back as None on --resume).
 ARCHITECTURE_DEFAULTS = {"input_size": 112}
@@ -106,6 +108,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="also distil on the faces of this folder of face photos (repeatable; "
            "`facewatch teacher-cache --folder`): the --teacher's vectors, faces YuNet found with "
            "plausible points only. Needs --teacher dlib or sface and --loss arcface")
+    a("--labelled-folder", type=Path, action="append", default=None,
+      help="also train on the identities of this folder (repeatable): DIR/<identity>/.../<photo>, "
+           "one ArcFace class per top-level subfolder after LFW's, the --teacher's vectors too; "
+           "faces found and cropped as for --unlabelled-folder (`facewatch teacher-cache --folder`)")
+    a("--labelled-keep", type=Path, action="append", default=None,
+      help="keep list of the identities to train on, one per --labelled-folder in the same order: "
+           "subfolder names in the first tab-separated column, '#' comments (CFP: "
+           "training/splits/cfp_keep.txt, which leaves out people who may be LFW people)")
+    a("--init-from", type=Path, default=None,
+      help="start a new run from a --checkpoint-dir's weights.npz (folder or file): the network "
+           "and the ArcFace centres of the classes both runs share (LFW's, in the same order); "
+           "new classes (--labelled-folder) start random")
     a("--unlabelled-share", type=float, default=0.25,
       help="at most this fraction of an epoch's images are unlabelled faces")
     a("--unlabelled-max-images", type=int, default=None,
@@ -199,6 +213,14 @@ def _prepare_data(args) -> dict:
     train_rows = np.array([r for r, _ in rows])
     train_crops = cache.crops[train_rows]
     train_labels = np.array([lab for _, lab in rows], np.int32)
+    labelled = None
+    if args.labelled_folder:
+        from facewatch.training.labelled_folders import load_labelled_folders
+
+        labelled = load_labelled_folders(args.labelled_folder, args.labelled_keep, args.teacher,
+                                         spec, first_label=len(train_names))
+        train_crops = np.concatenate([train_crops, labelled.crops])
+        train_labels = np.concatenate([train_labels, labelled.labels])
     teacher_vectors, unlabelled = None, None
     if args.teacher != "none":
         from facewatch.training.teacher_cache import centred
@@ -208,8 +230,10 @@ def _prepare_data(args) -> dict:
             vectors = teacher.embeddings[[teacher.index[k] for k in train_keys]]
         else:
             vectors = _sface_vectors(images, train_keys)
-        mean = vectors.mean(axis=0)
+        mean = vectors.mean(axis=0)   # LFW's faces only, as runs without extra identities
         teacher_vectors = centred(vectors, mean)
+        if labelled is not None:
+            teacher_vectors = np.concatenate([teacher_vectors, centred(labelled.vectors, mean)])
         parts = []
         if args.unlabelled_teacher:
             parts.append(_unlabelled_data(args, spec, mean))
@@ -228,7 +252,7 @@ def _prepare_data(args) -> dict:
         "images": images,
         "train_crops": train_crops,
         "train_labels": train_labels,
-        "num_classes": len(train_names),
+        "num_classes": len(train_names) + (len(labelled.identities) if labelled else 0),
         "val_keys": val_keys,
         "val_crops": cache.crops[[cache.index[k] for k in val_keys]],
         "pairs": pairs,
@@ -239,6 +263,7 @@ def _prepare_data(args) -> dict:
                   "boxes_from": cache.boxes_from, "centre_box_fallbacks": cache.fallbacks,
                   "aligned_on_landmarks": cache.aligned,
                   "teacher": TEACHER_NAMES.get(args.teacher),
+                  "labelled": labelled.report if labelled else None,
                   "unlabelled": unlabelled},
     }
 
@@ -355,6 +380,70 @@ def _check_unlabelled(args) -> None:
                          f"carry dlib's landmarks only")
     if not 0.0 <= args.unlabelled_share < 1.0:
         raise ValueError(f"--unlabelled-share must be in [0, 1), got {args.unlabelled_share}")
+
+
+def _check_labelled(args) -> None:
+    """Refuse --labelled-folder / --labelled-keep / --init-from where they cannot work, before
+    any data is prepared."""
+    if args.labelled_keep and not args.labelled_folder:
+        raise ValueError("--labelled-keep needs --labelled-folder (the folder it filters)")
+    for folder in args.labelled_folder or []:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--labelled-folder {folder}: not a directory (expected "
+                                    f"DIR/<identity>/.../<photo>)")
+    if args.labelled_folder and args.alignment == "five_point" and args.teacher != "dlib":
+        raise ValueError("--labelled-folder with --alignment five_point needs --teacher dlib "
+                         "(dlib's points); use --alignment arcface_five_point (YuNet's) or box")
+    if args.init_from is not None and args.resume:
+        raise ValueError("--init-from starts a new run; --resume continues one: pass one of them")
+
+
+def _init_from(trainer, path: Path, lfw_classes: int, max_people: int | None = None) -> str:
+    """A committed checkpoint's weights into a new run: every variable of the same path and shape,
+    and the ArcFace centres of LFW's `lfw_classes` training people (the first columns in both
+    runs, in name order); the classes after them (--labelled-folder) start random, since the two
+    runs need not list the same extra identities. Returns a line for the log."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / COMMITTED_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from {path}: no weights file (a --checkpoint-dir's "
+                                f"{COMMITTED_WEIGHTS})")
+    state = path.parent / "state.json"
+    if state.is_file():   # the centres are LFW's people only if both runs chose the same people
+        saved_args = json.loads(state.read_text()).get("args", {})
+        if saved_args.get("max_people") != max_people:
+            raise ValueError(f"--init-from {path}: trained with --max-people "
+                             f"{saved_args.get('max_people')}, this run {max_people}: their LFW "
+                             f"classes differ")
+    try:
+        saved = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--init-from {path}: not a weights file written by --checkpoint-dir "
+                         f"({exc})") from None
+    with saved:
+        centres = [v for v in trainer.weights if v.path.endswith("centres")]
+        others = [v for v in trainer.weights if not v.path.endswith("centres")]
+        problems = [v.path for v in others
+                    if v.path not in saved or saved[v.path].shape != tuple(v.shape)]
+        if problems:
+            raise ValueError(f"--init-from {path}: does not fit this network (missing or differently "
+                             f"shaped: {problems[:3]}); was it written with another --backbone, "
+                             f"--embedding-size or --input-size?")
+        for v in others:
+            v.assign(np.asarray(saved[v.path], dtype=v.dtype))
+        for v in centres:
+            old = np.asarray(saved[v.path], np.float32) if v.path in saved else None
+            if old is None or old.shape[0] != v.shape[0] or old.shape[1] < lfw_classes:
+                raise ValueError(f"--init-from {path}: its ArcFace centres "
+                                 f"{None if old is None else old.shape} do not hold this run's "
+                                 f"{lfw_classes} LFW classes of {v.shape[0]} dimensions (another "
+                                 f"--max-people or --embedding-size?)")
+            new = np.array(v.numpy())
+            new[:, :lfw_classes] = old[:, :lfw_classes]
+            v.assign(new)
+    return (f"initialised from {path}: {len(others)} network variables, ArcFace centres of the "
+            f"first {lfw_classes} classes (LFW's)")
 
 
 def _batches(args, data):
@@ -496,6 +585,7 @@ def train(args: argparse.Namespace) -> Path:
                          f"--out to start another")
     _check_landmarks(args)
     _check_unlabelled(args)
+    _check_labelled(args)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     data = _prepare_data(args)
@@ -508,16 +598,22 @@ def train(args: argparse.Namespace) -> Path:
               flush=True)
     elif args.resume:
         trainer.load_weights(weights_file)
+    elif args.init_from is not None:
+        print(_init_from(trainer, args.init_from, data["split"]["train_people"], args.max_people),
+              flush=True)
     if args.resume:
         print(f"resumed {run_dir} at epoch {state['epoch']}, step {state['step']}, "
               f"{state['elapsed_s'] / 60:.1f} min trained", flush=True)
     batches = _batches(args, data)
     steps = min(len(batches), args.steps_per_epoch or len(batches))
-    unlabelled = data["split"]["unlabelled"]
+    unlabelled, labelled = data["split"]["unlabelled"], data["split"]["labelled"]
     if unlabelled is not None:
         unlabelled["per_epoch"] = int(batches.unlabelled_per_epoch)
     print(f"{args.backbone} ({trainer.embedder.count_params():,} parameters), loss {args.loss}, "
-          f"{data['split']['train_images']} training images of {data['num_classes']} identities"
+          f"{len(data['train_labels']) - (unlabelled['faces'] if unlabelled else 0)} training "
+          f"images of {data['num_classes']} identities"
+          + (f" (LFW {data['split']['train_images']} of {data['split']['train_people']}, "
+             f"--labelled-folder {labelled['faces']} of {labelled['identities']})" if labelled else "")
           + (f" + {unlabelled['per_epoch']} of {unlabelled['faces']} "
              f"unlabelled faces an epoch" if unlabelled else "")
           + f", {data['split']['val_pairs']} validation pairs; {steps} steps/epoch of {args.batch}",
