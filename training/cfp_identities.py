@@ -13,6 +13,16 @@ the people the project's owners hold out must never be trained on, so an identit
    photos) as the same people found by name are (`FACE_THRESHOLD`): catches a name spelt beyond
    recognition and the three LFW names missing from the list, for the 4,786 people on disk.
 
+The photos (TarazGr/BSProj's copy holds Git LFS pointers only; this one has the JPEGs, split into
+train/001..450 and test/451..500, which are moved up into one folder):
+
+    git --git-dir=<search tool's fetch of zhangjunh/DR-GAN-by-pytorch> archive ecb127e0 \
+        cfp-dataset/Data/Images | tar -x -C /tmp/cfp
+    mkdir -p ../extra/cfp/cfp-dataset/Data/Images
+    mv /tmp/cfp/cfp-dataset/Data/Images/{train,test}/* ../extra/cfp/cfp-dataset/Data/Images/
+    facewatch teacher-cache --teacher sface --workers 2 --chunk 256 \
+        --folder ../extra/cfp/cfp-dataset/Data/Images          # ~6 min on 2 cores
+
 The decision is written once to `splits/cfp_keep.txt` (kept: folder, name) and
 `splits/cfp_excluded.tsv` (folder, name, reason) so every run trains on the same set.
 """
