@@ -44,6 +44,16 @@ EMBEDDER = MODELS_DIR / "face_embedder.onnx"
 
 # --- polling, never sleep-and-hope -------------------------------------------------------
 
+def landmark_alignment(path: Path) -> str:
+    """The crop alignment a landmark model file serves, from its `landmark_layout` (the shipped
+    one follows the shipped embedder: dlib's five points or ArcFace's)."""
+    from facewatch.stages.face_crop import LANDMARK_LAYOUTS
+    from facewatch.stages.face_landmarks import LandmarkModel
+
+    layout = LandmarkModel(path, ["CPUExecutionProvider"]).layout
+    return {v: k for k, v in LANDMARK_LAYOUTS.items()}[layout]
+
+
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
     """Poll `condition()` until it returns something truthy; fail naming `what` at the deadline."""
     deadline = time.monotonic() + timeout

@@ -130,14 +130,17 @@ def test_export_command_reports_a_missing_checkpoint(tmp_path):
 
 def test_export_refuses_a_landmark_model_it_cannot_align_with_before_writing(exported, tmp_path,
                                                                              caplog):
-    """An embedder aligned on ArcFace's points: the FAR-table step would align with the shipped
-    dlib-layout landmark model (or a missing file), so the export stops before --out is written,
-    naming the file and --landmarks."""
+    """An embedder aligned on the other layout's points than the shipped landmark model places:
+    the FAR-table step would align with that model (or a missing file), so the export stops
+    before --out is written, naming the file and --landmarks."""
+    from conftest import MODELS_DIR, landmark_alignment
     from facewatch.daemon.cli import main
 
+    shipped = landmark_alignment(MODELS_DIR / "face_landmarks.onnx")
+    other = "five_point" if shipped == "arcface_five_point" else "arcface_five_point"
     _, onnx_path, _ = exported
     summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"backbone": "micro", "crop_alignment": "arcface_five_point",
+    summary.write_text(json.dumps({"backbone": "micro", "crop_alignment": other,
                                    "threshold": 0.42, "val": {"accuracy": 0.5}}))
     out = tmp_path / "face_embedder.onnx"
     base = ["export-embedder", "--model", str(onnx_path.parent / "embedder.keras"),

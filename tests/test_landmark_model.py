@@ -20,6 +20,8 @@ from facewatch.training.landmark_data import (FLIP_INDEX, augment_geometry, augm
 from facewatch.training.landmark_metrics import landmark_nme
 from facewatch.training.lfw import default_images_dir, image_path, list_people, load_split
 
+from conftest import landmark_alignment
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("FACEWATCH_MODELS", REPO / "models"))
 LANDMARKS = MODELS / "face_landmarks.onnx"
@@ -146,26 +148,41 @@ def test_a_missing_file_names_itself(tmp_path):
 
 # --- the committed model ----------------------------------------------------------------------
 
+def committed_alignment() -> str:
+    return landmark_alignment(LANDMARKS)
+
+
 @pytest.fixture(scope="module")
 def val_faces():
-    """Validation people's photos, our detector's boxes (the landmark model's input) and dlib's
-    points inside them (the labels), as training made them."""
-    dlib_teacher = pytest.importorskip("facewatch.training.dlib_teacher")
-    pytest.importorskip("dlib", reason="the teacher extra (dlib-bin) is not installed")
+    """Validation people's photos, our detector's boxes (the landmark model's input) and the
+    teacher's points inside them in the committed model's layout (the labels), as training made
+    them: dlib's five for a `dlib` model, YuNet's five for an `arcface` one."""
     from facewatch.stages.face_detector import FaceDetector
 
+    if committed_alignment() == "five_point":
+        dlib_teacher = pytest.importorskip("facewatch.training.dlib_teacher")
+        pytest.importorskip("dlib", reason="the teacher extra (dlib-bin) is not installed")
+        teacher = dlib_teacher.DlibTeacher(embeddings=False)
+        label = lambda frame, box: teacher.landmarks(frame[..., ::-1], box[None])[0]  # noqa: E731
+    else:
+        from facewatch.training.sface_teacher import SFaceTeacher
+
+        yunet = SFaceTeacher(embeddings=False)
+        found = lambda frame, box: yunet.face_in_box(frame, box)  # noqa: E731
+        label = lambda frame, box: None if found(frame, box) is None else found(frame, box)[1]  # noqa: E731
     people = list_people(LFW)
     names = sorted(load_split(LFW)["val_people"])[::6][:30]
     frames = [cv2.imread(str(image_path(LFW, n, people[n][0]))) for n in names]
     detector = FaceDetector(DETECTOR, ["CPUExecutionProvider"], imgsz=160)
-    teacher = dlib_teacher.DlibTeacher(embeddings=False)
     out = []
     for frame in frames:
         det = detector.detect([frame])[0]
         if len(det) == 0:
             continue
         box = det.boxes[np.argmax(det.scores)]
-        out.append((frame, box, teacher.landmarks(frame[..., ::-1], box[None])[0]))
+        points = label(frame, box)
+        if points is not None:
+            out.append((frame, box, np.asarray(points, np.float32).reshape(5, 2)))
     assert len(out) >= 25
     return out
 
@@ -182,7 +199,12 @@ def test_committed_model_beats_the_box_prior_on_validation_people(val_faces):
 
 
 def _eye_angle(points: np.ndarray) -> float:
-    axis = points[0:2].mean(axis=0) - points[2:4].mean(axis=0)
+    """Angle of the line from the image-left eye to the image-right eye (dlib: two corners each,
+    image-right eye first; ArcFace: the image-left eye's centre, then the image-right one's)."""
+    if committed_alignment() == "five_point":
+        axis = points[0:2].mean(axis=0) - points[2:4].mean(axis=0)
+    else:
+        axis = points[1] - points[0]
     return float(np.degrees(np.arctan2(axis[1], axis[0])))
 
 
@@ -256,7 +278,7 @@ def test_the_daemon_loads_the_configured_model_only_for_aligning_embedders(tmp_p
     assert models.landmarks == (tmp_path / "m" / "face_landmarks.onnx").resolve()
     assert landmark_model_from_config(models, "box") is None
     detector = detector_from_config(models)
-    marker = landmark_model_from_config(models, "five_point")
+    marker = landmark_model_from_config(models, committed_alignment())
     nme = []
     for frame, _, label in val_faces[:10]:
         det = detector.detect([frame])[0]

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import MODELS_DIR, REPO, wait_for, write_config
+from conftest import MODELS_DIR, REPO, landmark_alignment, wait_for, write_config
 from facewatch.daemon.config import ConfigError, parse_config
 from facewatch.stages.errors import SetupError
 from facewatch.stages.precision import choose, int8_sibling
@@ -111,7 +111,7 @@ def test_a_corrupt_int8_copy_is_named_and_a_wrong_model_still_names_the_configur
     (tmp_path / "face_landmarks.int8.onnx").write_bytes(b"not an onnx file")
     m = models_section(tmp_path)
     with pytest.raises(ModelError, match="face_landmarks.int8.onnx"):
-        landmark_model_from_config(m, "five_point")
+        landmark_model_from_config(m, landmark_alignment(LANDMARKS))
     # the configured file is the wrong kind (an embedder) and has an int8 sibling: the error
     # names the configured file, as without int8 copies
     (tmp_path / "face_landmarks.onnx").unlink()
@@ -119,7 +119,7 @@ def test_a_corrupt_int8_copy_is_named_and_a_wrong_model_still_names_the_configur
     (tmp_path / "face_landmarks.onnx").symlink_to(EMBEDDER)
     (tmp_path / "face_landmarks.int8.onnx").symlink_to(int8_sibling(EMBEDDER))
     with pytest.raises(ModelError) as exc:
-        landmark_model_from_config(models_section(tmp_path), "five_point")
+        landmark_model_from_config(models_section(tmp_path), landmark_alignment(LANDMARKS))
     assert str(tmp_path / "face_landmarks.onnx") in str(exc.value)
 
 
