@@ -231,6 +231,9 @@ class ModelsConfig(Section):
 class DetectConfig(Section):
     batch_max: int = Field(8, ge=1, le=64, description="frames per detector batch, across cameras")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="wait for more frames to batch")
+    # On the CPU a batch's frames are detected side by side, one per lane (stages.detector_lanes)
+    lanes: int = Field(0, ge=0, le=64, description="CPU detector lanes; 0 = one per core, "
+                                                     "at most 4; 1 = one batched call")
     tracker: Literal["bytetrack"] = Field("bytetrack", description="supervision's ByteTrack")
     track_buffer: int = Field(30, ge=1, le=10000, description="frames a lost track is kept")
     track_high_thresh: float = Field(0.4, gt=0, lt=1)
@@ -370,6 +373,10 @@ class SupervisorConfig(Section):
                                                               "stops WATCHDOG=1")
     stages: list[str] | None = Field(None, description="stages this host runs (null: all); "
                                                        "others run elsewhere over tcp")
+    # CPU priority per stage kind (nice increments, 0-19; only lowering needs no privilege).
+    # Detection is the bulk work that takes every idle cycle; the few crops of a decision
+    # (embed, match, publish) and decoding go first, so a name is not queued behind frames.
+    nice: dict[str, int] = Field(default_factory=lambda: {"detect": 5})
 
     @field_validator("stages")
     @classmethod
@@ -378,6 +385,18 @@ class SupervisorConfig(Section):
             bad = [s for s in v if s not in STAGE_KINDS]
             if bad:
                 raise ValueError(f"unknown stages {bad}; choose from {list(STAGE_KINDS)}")
+        return v
+
+    @field_validator("nice")
+    @classmethod
+    def _nice(cls, v):
+        bad = [s for s in v if s not in STAGE_KINDS]
+        if bad:
+            raise ValueError(f"unknown stages {bad}; choose from {list(STAGE_KINDS)}")
+        out = [f"{s}: {n}" for s, n in v.items() if not 0 <= n <= 19]
+        if out:
+            raise ValueError(f"nice increments must be 0-19 (raising a priority needs "
+                             f"privileges), got {', '.join(out)}")
         return v
 
 

@@ -46,6 +46,15 @@ def die_with_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def lower_priority(increment: int, log: logging.Logger) -> None:
+    """supervisor.nice for this stage: added to the niceness it was started with."""
+    if increment:
+        try:
+            log.info("nice %d (supervisor.nice)", os.nice(increment))
+        except OSError as exc:   # a sandbox may forbid it; the stage works either way
+            log.warning("cannot lower the CPU priority (supervisor.nice %d): %s", increment, exc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m daemon.worker", description=__doc__.splitlines()[0])
     p.add_argument("--stage", required=True, choices=STAGE_KINDS)
@@ -99,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_hup(_signum, _frame):   # forwarded by the supervisor: reload, never stop
         ctx.reload.set()
 
+    lower_priority(cfg.supervisor.nice.get(args.stage, 0), log)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)

@@ -1,8 +1,11 @@
 """Detect: frames from every camera -> batched face detection -> per-camera tracking -> quality
 gate -> face crops. Full frames stop here; only crops (the embedder's input) travel on.
 
-Batching: frames arriving within `batch_wait_ms` of the first pending one (up to `batch_max`)
-run as one detector call, whichever cameras they come from.
+On the CPU (`detect.lanes`, stages.detector_lanes): a lone frame runs on the detector's own
+session with every thread; when frames wait, they are detected side by side, one per lane, and
+tracked in arrival order while the lanes go on. Elsewhere (a GPU), batching: frames arriving
+within `batch_wait_ms` of the first pending one (up to `batch_max`) run as one detector call,
+whichever cameras they come from.
 
 Live cameras (streams, devices, files with `realtime: true`) want the newest frame, not the
 oldest: while a batch waits, a newer frame of the same live camera replaces the pending one
@@ -13,6 +16,7 @@ first-event latency, issue 14). Lossless files (`realtime: false`) keep every fr
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import numpy as np
 
@@ -24,6 +28,9 @@ from facewatch.stages.stage import BatchingStage
 from facewatch.stages.transport import Defaults
 
 
+LANE_POLL_S = 0.002   # while frames are at the lanes, the loop checks them this often
+
+
 class DetectStage(BatchingStage):
     kind = "detect"
 
@@ -31,6 +38,8 @@ class DetectStage(BatchingStage):
         self.dcfg = ctx.config.detect
         super().__init__(ctx, self.dcfg.batch_max, self.dcfg.batch_wait_ms / 1000)
         self.detector = None
+        self.lanes = None           # CPU: frames stream over detector lanes instead of batches
+        self.inflight: deque = deque()   # (frame, received, submitted, future, wide), in order
         self.trackers: dict = {}
         self.gate = QualityGate(self.dcfg.min_face_px, self.dcfg.min_blur)
         self.epoch = int(time.time() * 1000)   # new per process: tells downstream tracks restarted
@@ -49,7 +58,7 @@ class DetectStage(BatchingStage):
         from facewatch.stages.run_state import RunCounters
 
         self.counters = RunCounters(self.cfg.runtime.dir)
-        from facewatch.stages.face_detector import detector_from_config
+        from facewatch.stages.detector_lanes import detector_and_lanes
         from facewatch.stages.face_landmarks import landmark_model_from_config
         from facewatch.stages.precision import record
         from facewatch.stages.tracking import tracker_args
@@ -57,7 +66,7 @@ class DetectStage(BatchingStage):
         m = self.cfg.models
         info = read_embedder_info(m.embedder)   # crop exactly as the embedder was trained
         self.crop_spec = info.crop_spec(self.dcfg.crop_size, self.dcfg.crop_scale)
-        self.detector = detector_from_config(m)
+        self.detector, self.lanes = detector_and_lanes(m, self.dcfg.lanes)
         self.landmark_model = landmark_model_from_config(m, self.crop_spec.alignment)
         self.metrics.execution_provider.labels("detect", self.detector.provider).set(1)
         record(self.metrics, "detect", self.detector.choice)
@@ -97,10 +106,70 @@ class DetectStage(BatchingStage):
         if not replaced:
             self.pending.append(item)
             self.pending_units += 1
-            if self.deadline is None:
+            if self.deadline is None and self.lanes is None:
                 self.deadline = time.monotonic() + self.batch_wait_s
+        if self.lanes is not None:
+            return self._stream()
         return self.flush() if self.pending_units >= self.batch_max or self._nothing_to_wait_for() \
             else []
+
+    # --- streaming over detector lanes (CPU) ---------------------------------------------
+    # A lone frame with nothing in flight (one live camera) runs on the detector's own session
+    # with every thread: the shortest time to its faces. Two or more waiting (several cameras,
+    # a lossless file) go to the lanes, side by side: the most frames per second. The two never
+    # run at once (DetectorLanes). Finished frames are tracked and cropped in arrival order (a
+    # camera's tracker must see its frames in order) while the lanes detect the next ones.
+    # Frames wait in `pending` only while the detector is busy, where a live camera's newer
+    # frame still replaces its older one; lossless frames beyond one per lane make this call
+    # wait for the oldest frame in flight, which holds the rest in the socket.
+
+    def _stream(self, drain: bool = False) -> list[Message]:
+        out: list[Message] = []
+        while True:
+            while self.inflight and self.inflight[0][3].done():
+                out += self._finish(self.inflight.popleft())
+            self._start_waiting_frames()
+            backlog = len(self.pending) >= self.lanes.size
+            if not self.inflight or not (drain or backlog):
+                return out
+            self.inflight[0][3].result()   # wait for the oldest frame in flight
+
+    def _start_waiting_frames(self) -> None:
+        wide_busy = any(wide for *_, wide in self.inflight)
+        if not self.pending or wide_busy:
+            return
+        if not self.inflight and len(self.pending) == 1:
+            self._start(wide=True)
+            return
+        while self.pending and len(self.inflight) < self.lanes.size:
+            self._start(wide=False)
+
+    def _start(self, wide: bool) -> None:
+        frame, received = self.pending.pop(0)
+        self.pending_units -= 1
+        self.inflight.append((frame, received, time.time(),
+                              self.lanes.submit(frame.image, wide=wide), wide))
+
+    def _finish(self, entry) -> list[Message]:
+        frame, received, submitted, future, _ = entry
+        m = self._faces(frame, future.result())
+        self.metrics.batch_size.labels("detect").observe(1)
+        self.metrics.stage_latency.labels("detect").observe(time.time() - submitted)
+        if m is None:
+            return []
+        m.stamps = {"detect_recv": received, "detect_start": submitted, "detect_done": time.time()}
+        return [m]
+
+    def next_deadline(self) -> float | None:
+        if self.lanes is not None:   # look at the lanes' progress often while frames are out
+            return time.monotonic() + LANE_POLL_S if self.inflight else None
+        return super().next_deadline()
+
+    def poll(self, now: float) -> list[Message]:
+        return self._stream() if self.lanes is not None else super().poll(now)
+
+    def flush(self) -> list[Message]:
+        return self._stream(drain=True) if self.lanes is not None else super().flush()
 
     def _nothing_to_wait_for(self) -> bool:
         """Every camera is live and has its frame here, and no newer frame waits in the socket
@@ -184,6 +253,10 @@ class DetectStage(BatchingStage):
     def _ended(self, camera: str, ended) -> np.ndarray:
         known = self.run_ids.setdefault(camera, {})
         return np.asarray([known.pop(t) for t in ended if t in known], np.int64)
+
+    def teardown(self) -> None:
+        if self.lanes is not None:
+            self.lanes.close()
 
     def heartbeat_detail(self) -> dict:
         return {"cameras": len(self.trackers)}

@@ -178,15 +178,16 @@ class FaceDetector:
         return results
 
 
-def detector_from_config(models) -> FaceDetector:
+def detector_from_config(models, threads: int | None = None) -> FaceDetector:
     """The detector as the daemon runs it from its `models` config section: thresholds, size,
-    threads. No landmark model here: the detect stage runs it only on the faces it crops, after
-    tracking and the size gate (`stages.face_landmarks.landmark_model_from_config`)."""
+    threads (`threads` overrides models.threads: the detect stage's lanes). No landmark model
+    here: the detect stage runs it only on the faces it crops, after tracking and the size gate
+    (`stages.face_landmarks.landmark_model_from_config`)."""
     from facewatch.stages.precision import choose, load
 
     choice = choose(models, "detector")   # fp32 or int8 (models.precision)
     detector = load(choice, models.detector, lambda path: FaceDetector(
         path, models.providers, models.detector_conf, models.detector_iou, models.detector_imgsz,
-        models.threads, spin=models.spin_wait))
+        models.threads if threads is None else threads, spin=models.spin_wait))
     detector.choice = choice
     return detector

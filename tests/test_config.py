@@ -73,6 +73,9 @@ def test_unknown_key_names_path_line_and_value(tmp_path):
     ("publish", "endpoint", "'udp://x'", "tcp://HOST:PORT"),
     ("runtime", "transport", "'shm'", "'ipc' or 'tcp'"),
     ("supervisor", "stages", "[detect, crop]", "unknown stages"),
+    ("supervisor", "nice", "{crop: 5}", "unknown stages"),
+    ("supervisor", "nice", "{embed: -5}", "0-19"),
+    ("detect", "lanes", -1, "greater than or equal to 0"),
 ])
 def test_bad_values_are_named(tmp_path, section, key, value, needle):
     path = write(tmp_path, f"cameras:\n  - name: a\n    uri: x.mp4\n{section}:\n  {key}: {value}\n")

@@ -325,20 +325,24 @@ def sink(short_dir):
     s.close()
 
 
-def capture_only_config(short_dir: Path, cameras: list[dict], **sections) -> Path:
+def capture_only_config(short_dir: Path, cameras: list[dict], nice: dict | None = None,
+                        **sections) -> Path:
     return write_config(short_dir / "config.yaml", cameras, runtime={"dir": str(short_dir / "run")},
-                        supervisor={"stages": ["capture"], "restart_initial_s": 0.2}, **sections)
+                        supervisor={"stages": ["capture"], "restart_initial_s": 0.2,
+                                    **({"nice": nice} if nice is not None else {})}, **sections)
 
 
 def test_killed_stage_is_restarted_and_counted(short_video, short_dir, sink, daemons):
     config = capture_only_config(short_dir, [
         {"name": "a", "uri": str(short_video.path), "loop": True},
-        {"name": "b", "uri": str(short_video.path), "loop": True}])
+        {"name": "b", "uri": str(short_video.path), "loop": True}], nice={"capture": 3})
     port = yaml.safe_load(config.read_text())["metrics"]["port"]
     daemon = daemons(config, short_dir / "run")
     daemon.wait_ready(60)
     sink.until(lambda: {f.camera for f in sink.frames} == {"a", "b"}, 30, "frames from a and b")
     old = daemon.stage("capture:a")["pid"]
+    niceness = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)   # supervisor.nice, on ours
+    assert os.getpriority(os.PRIO_PROCESS, old) == niceness
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: daemon.stage("capture:a").get("restarts") == 1 and
              daemon.stage("capture:a").get("pid") not in (None, old), 30,
@@ -348,6 +352,7 @@ def test_killed_stage_is_restarted_and_counted(short_video, short_dir, sink, dae
                "frames from the restarted capture:a")
     assert any(f.camera == "b" for f in sink.frames), "camera b must keep running"
     assert daemon.stage("capture:b")["restarts"] == 0
+    assert os.getpriority(os.PRIO_PROCESS, daemon.stage("capture:a")["pid"]) == niceness
     samples = wait_for(lambda: (s := scrape(port)) and
                        metric(s, "facewatch_stage_restarts_total", stage="capture:a") == 1 and s,
                        20, "the restart in /metrics")

@@ -1,0 +1,143 @@
+"""Detector lanes (issue 14): the plan per host, the same faces as one session, and the detect
+stage streaming a real video over lanes with the same tracks, in order, as batched calls."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from facewatch.daemon.config import parse_config
+from facewatch.stages.detect_stage import DetectStage
+from facewatch.stages.detector_lanes import DetectorLanes, lane_plan
+from facewatch.stages.face_detector import FaceDetector
+from facewatch.stages.messages import FaceCrops, VideoFrame
+from facewatch.stages.metrics import Metrics
+from facewatch.stages.stage import StageContext
+from facewatch.stages.transport import Endpoints, Transport
+
+CPU = "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("lanes, threads, provider, cores, expected", [
+    (0, 0, CPU, 2, (2, 1)),          # auto on 2 cores: two single-thread lanes
+    (0, 0, CPU, 16, (4, 4)),         # auto on 16 cores: at most 4 lanes, the cores shared
+    (0, 4, CPU, 16, (4, 1)),         # models.threads is the budget
+    (3, 0, CPU, 8, (3, 2)),
+    (1, 0, CPU, 8, (0, 0)),          # one lane: batched calls as before
+    (0, 0, CPU, 1, (0, 0)),          # one core: nothing to run side by side
+    (0, 0, "CUDAExecutionProvider", 8, (0, 0)),   # a GPU gains from batches
+])
+def test_lane_plan(lanes, threads, provider, cores, expected):
+    assert lane_plan(lanes, threads, provider, cores) == expected
+
+
+def video_frames(video, count: int) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(video.path))
+    frames = []
+    while len(frames) < count:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+def test_lanes_find_what_one_session_finds_in_the_frames_order(models, face_video):
+    detector, _ = models
+    frames = video_frames(face_video, 24)
+    single = FaceDetector(detector, [CPU], 0.25, 0.5)
+    expected = [single.detect([f])[0] for f in frames]
+    lanes = DetectorLanes(single, 2,
+                          lambda: FaceDetector(detector, [CPU], 0.25, 0.5, threads=1))
+    try:
+        got = [f.result() for f in [lanes.submit(frame) for frame in frames]]
+        assert len(lanes.submit(frames[0], wide=True).result()) == len(expected[0])
+    finally:
+        lanes.close()
+    assert sum(len(d) for d in expected) >= 10, "too few faces to compare: is the model trained?"
+    for want, have in zip(expected, got):
+        assert len(have) == len(want)
+        np.testing.assert_allclose(have.boxes, want.boxes, atol=0.5)
+        np.testing.assert_allclose(have.scores, want.scores, atol=1e-3)
+
+
+def test_a_lane_error_reaches_the_caller(models):
+    detector, _ = models
+    lanes = DetectorLanes(FaceDetector(detector, [CPU], threads=1), 2,
+                          lambda: FaceDetector(detector, [CPU], threads=1))
+    try:
+        with pytest.raises(ValueError, match="uint8"):
+            lanes.submit(np.zeros((64, 64, 3), np.float32)).result()
+        assert len(lanes.submit(np.zeros((64, 64, 3), np.uint8)).result()) == 0  # lane freed
+    finally:
+        lanes.close()
+
+
+def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = False,
+                     poll_every: int = 3) -> tuple[list[FaceCrops], Metrics]:
+    """The detect stage in this process (no sockets), fed the video's frames as a lossless file
+    camera; what it sends, in order, until it is flushed."""
+    from facewatch.stages import run_state
+
+    detector, embedder = models
+    runtime = tmp_path / f"run{lanes}{live}"
+    runtime.mkdir()
+    run_state.create(runtime)   # as the supervisor does before starting stages
+    cfg = parse_config({"cameras": [{"name": "cam", "uri": str(video.path), "realtime": live}],
+                        "runtime": {"dir": str(runtime)},
+                        "models": {"detector": str(detector), "embedder": str(embedder),
+                                   "providers": [CPU]},
+                        "detect": {"lanes": lanes, "batch_max": 4}}, tmp_path)
+    ctx = StageContext(name="detect", kind="detect", config=cfg, transport=Transport(),
+                       endpoints=Endpoints.from_config(cfg), metrics=Metrics())
+    stage = DetectStage(ctx)
+    stage.setup()
+    try:
+        assert (stage.lanes is not None) == (lanes > 1)
+        out = []
+        for i, image in enumerate(frames):
+            h, w = image.shape[:2]
+            out += stage.process(VideoFrame(camera="cam", frame_index=i, pts=i / 25,
+                                            wall_ts=1000.0 + i / 25, frame_width=w,
+                                            frame_height=h, roi_x=0, roi_y=0, image=image))
+            if i % poll_every == 0:
+                out += stage.poll(float("inf"))   # as the loop does between messages
+        out += stage.flush()
+        assert not stage.pending and not stage.inflight
+        return out, ctx.metrics
+    finally:
+        stage.teardown()
+        ctx.transport.close()
+
+
+def test_detect_stage_streams_over_lanes_with_the_tracks_of_batched_calls(tmp_path, models,
+                                                                           face_video):
+    frames = video_frames(face_video, 60)
+    batched, _ = run_detect_stage(tmp_path, models, face_video, frames, lanes=1)
+    streamed, _ = run_detect_stage(tmp_path, models, face_video, frames, lanes=2)
+    assert len(batched) >= 20, "too few frames with faces: is the model trained?"
+    assert [m.frame_index for m in streamed] == [m.frame_index for m in batched]
+    assert all(a < b for a, b in zip([m.frame_index for m in streamed],
+                                     [m.frame_index for m in streamed][1:]))
+    for s, b in zip(streamed, batched):
+        # batches pad frames to a shared shape: boxes move by a pixel at most
+        assert s.track_ids.tolist() == b.track_ids.tolist()
+        np.testing.assert_allclose(s.boxes, b.boxes, atol=1.5)
+        assert set(s.stamps) == {"detect_recv", "detect_start", "detect_done"}
+        assert s.stamps["detect_recv"] <= s.stamps["detect_start"] <= s.stamps["detect_done"]
+
+
+def test_a_live_camera_newest_frame_replaces_the_waiting_one(tmp_path, models, face_video):
+    """Frames of a live camera arriving faster than the detector: the ones it had no time for
+    are dropped as stale (counted), never queued, and what is sent stays in order."""
+    frames = video_frames(face_video, 40)
+    sent, metrics = run_detect_stage(tmp_path, models, face_video, frames, lanes=2, live=True,
+                                     poll_every=10**6)   # a burst: no loop turn in between
+    indices = [m.frame_index for m in sent]
+    assert indices == sorted(set(indices)) and indices[-1] == len(frames) - 1
+    stale = sum(s.value for family in metrics.frames_dropped.collect()
+                for s in family.samples
+                if s.name.endswith("_total") and s.labels.get("reason") == "stale")
+    # every frame was either detected (sent if it had faces) or dropped as stale
+    assert stale >= len(frames) - 1 - 2 * 2 and len(sent) <= len(frames) - stale
