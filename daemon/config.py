@@ -373,10 +373,11 @@ class SupervisorConfig(Section):
                                                               "stops WATCHDOG=1")
     stages: list[str] | None = Field(None, description="stages this host runs (null: all); "
                                                        "others run elsewhere over tcp")
-    # CPU priority per stage kind (nice increments, 0-19; only lowering needs no privilege).
-    # Detection is the bulk work that takes every idle cycle; the few crops of a decision
-    # (embed, match, publish) and decoding go first, so a name is not queued behind frames.
-    nice: dict[str, int] = Field(default_factory=lambda: {"detect": 5})
+    # CPU priority per stage kind (nice increments, 0-19; only lowering needs no privilege),
+    # e.g. {detect: 5} to let decoding, the decisions' few crops and other services on the host
+    # go before detection. Off by default: on 2 saturated cores it did not bring first events
+    # sooner (README, "First event after a face appears").
+    nice: dict[str, int] = Field(default_factory=dict)
 
     @field_validator("stages")
     @classmethod
