@@ -120,8 +120,9 @@ class DetectStage(BatchingStage):
     # run at once (DetectorLanes). Finished frames are tracked and cropped in arrival order (a
     # camera's tracker must see its frames in order) while the lanes detect the next ones.
     # Frames wait in `pending` only while the detector is busy, where a live camera's newer
-    # frame still replaces its older one; lossless frames beyond one per lane make this call
-    # wait for the oldest frame in flight, which holds the rest in the socket.
+    # frame still replaces its older one (the loop goes on reading); lossless frames beyond
+    # one per lane make this call wait for the oldest frame in flight, which holds the rest in
+    # the socket.
 
     def _stream(self, drain: bool = False) -> list[Message]:
         out: list[Message] = []
@@ -129,7 +130,9 @@ class DetectStage(BatchingStage):
             while self.inflight and self.inflight[0][3].done():
                 out += self._finish(self.inflight.popleft())
             self._start_waiting_frames()
-            backlog = len(self.pending) >= self.lanes.size
+            # only lossless frames hold the loop: a live camera's waiting frame must stay
+            # replaceable by the newer ones the loop reads meanwhile
+            backlog = sum(f.camera not in self.live for f, _ in self.pending) >= self.lanes.size
             if not self.inflight or not (drain or backlog):
                 return out
             self.inflight[0][3].result()   # wait for the oldest frame in flight

@@ -75,7 +75,7 @@ def test_a_lane_error_reaches_the_caller(models):
 
 
 def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = False,
-                     poll_every: int = 3) -> tuple[list[FaceCrops], Metrics]:
+                     poll_every: int = 3, cameras: int = 1) -> tuple[list[FaceCrops], Metrics]:
     """The detect stage in this process (no sockets), fed the video's frames as a lossless file
     camera; what it sends, in order, until it is flushed."""
     from facewatch.stages import run_state
@@ -84,7 +84,8 @@ def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = F
     runtime = tmp_path / f"run{lanes}{live}"
     runtime.mkdir()
     run_state.create(runtime)   # as the supervisor does before starting stages
-    cfg = parse_config({"cameras": [{"name": "cam", "uri": str(video.path), "realtime": live}],
+    cfg = parse_config({"cameras": [{"name": f"cam{c}" if c else "cam", "uri": str(video.path),
+                                     "realtime": live} for c in range(cameras)],
                         "runtime": {"dir": str(runtime)},
                         "models": {"detector": str(detector), "embedder": str(embedder),
                                    "providers": [CPU]},
@@ -98,9 +99,11 @@ def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = F
         out = []
         for i, image in enumerate(frames):
             h, w = image.shape[:2]
-            out += stage.process(VideoFrame(camera="cam", frame_index=i, pts=i / 25,
-                                            wall_ts=1000.0 + i / 25, frame_width=w,
-                                            frame_height=h, roi_x=0, roi_y=0, image=image))
+            for c in range(cameras):
+                out += stage.process(VideoFrame(camera=f"cam{c}" if c else "cam", frame_index=i,
+                                                pts=i / 25, wall_ts=1000.0 + i / 25,
+                                                frame_width=w, frame_height=h, roi_x=0, roi_y=0,
+                                                image=image))
             if i % poll_every == 0:
                 out += stage.poll(float("inf"))   # as the loop does between messages
         out += stage.flush()
@@ -128,6 +131,11 @@ def test_detect_stage_streams_over_lanes_with_the_tracks_of_batched_calls(tmp_pa
         assert s.stamps["detect_recv"] <= s.stamps["detect_start"] <= s.stamps["detect_done"]
 
 
+def stale_frames(metrics) -> float:
+    return sum(s.value for family in metrics.frames_dropped.collect() for s in family.samples
+               if s.name.endswith("_total") and s.labels.get("reason") == "stale")
+
+
 def test_a_live_camera_newest_frame_replaces_the_waiting_one(tmp_path, models, face_video):
     """Frames of a live camera arriving faster than the detector: the ones it had no time for
     are dropped as stale (counted), never queued, and what is sent stays in order."""
@@ -136,8 +144,22 @@ def test_a_live_camera_newest_frame_replaces_the_waiting_one(tmp_path, models, f
                                      poll_every=10**6)   # a burst: no loop turn in between
     indices = [m.frame_index for m in sent]
     assert indices == sorted(set(indices)) and indices[-1] == len(frames) - 1
-    stale = sum(s.value for family in metrics.frames_dropped.collect()
-                for s in family.samples
-                if s.name.endswith("_total") and s.labels.get("reason") == "stale")
+    stale = stale_frames(metrics)
     # every frame was either detected (sent if it had faces) or dropped as stale
     assert stale >= len(frames) - 1 - 2 * 2 and len(sent) <= len(frames) - stale
+
+
+def test_live_cameras_never_hold_the_loop_on_busy_lanes(tmp_path, models, face_video):
+    """Four live cameras, a burst of frames and more waiting than lanes: the stage goes on
+    reading (each camera's newest frame replaces its waiting one) instead of waiting for the
+    lanes, which would leave the frames queued behind it to go stale in the socket."""
+    frames = video_frames(face_video, 15)
+    sent, metrics = run_detect_stage(tmp_path, models, face_video, frames, lanes=2, live=True,
+                                     poll_every=10**6, cameras=4)
+    # 60 frames in; detected at most: the first (full session), one waiting per camera at the
+    # end and whatever the lanes finished during the burst; a loop held by busy lanes would
+    # have detected nearly all of them
+    assert stale_frames(metrics) >= 30
+    for camera in ("cam", "cam1", "cam2", "cam3"):
+        indices = [m.frame_index for m in sent if m.camera == camera]
+        assert indices == sorted(set(indices))
