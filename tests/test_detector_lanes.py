@@ -2,9 +2,10 @@
 stage streaming a real video over lanes with the same tracks, in order, as batched calls."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
+
+from bench.bench_detector_lanes import clip_frames
 
 from facewatch.daemon.config import parse_config
 from facewatch.stages.detect_stage import DetectStage
@@ -32,15 +33,7 @@ def test_lane_plan(lanes, threads, provider, cores, expected):
 
 
 def video_frames(video, count: int) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(video.path))
-    frames = []
-    while len(frames) < count:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
+    return clip_frames(video.path, count)
 
 
 def test_lanes_find_what_one_session_finds_in_the_frames_order(models, face_video):
