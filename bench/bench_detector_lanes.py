@@ -47,7 +47,7 @@ def candidates_for(model: Path, frames: list, lanes: int, threads: int) -> tuple
     n, lane_threads = lane_plan(lanes, threads, CPU)
     if not n:
         raise SystemExit(f"detect.lanes {lanes} with {threads} threads plans no lanes here")
-    pool = DetectorLanes(FaceDetector(model, [CPU], 0.25, 0.5, threads=lane_threads), n,
+    pool = DetectorLanes(session, n,
                          lambda: FaceDetector(model, [CPU], 0.25, 0.5, threads=lane_threads))
 
     def batches(size):

@@ -7,8 +7,8 @@ bench.bench_detector_lanes`, `bench/results/issue14_detector_lanes.json`), int8 
 frames/s on one session a frame at a time, 30.6 in batches of 4, 36.3 on two lanes (fp32:
 23.0, 24.2, 28.4).
 
-A lane is a session of the very file the detector loaded (same precision, thresholds and size;
-~10 MB each). `submit` hands a frame to the next free lane and returns a future, so the detect
+A lane is loaded as the detector is (`detector_from_config`: same file, precision, thresholds
+and size) with fewer threads; ~10 MB each. `submit` hands a frame to the next free lane and returns a future, so the detect
 stage keeps every lane busy while it tracks and crops the frames already detected, in order.
 Lanes are for the CPU execution provider only: a GPU gains from one batched call.
 onnxruntime releases the GIL while it runs, so threads suffice.
@@ -94,7 +94,7 @@ def detector_and_lanes(models, lanes: int):
     """(detector, lanes or None) for the `models` section and `detect.lanes` (0: auto): the
     detector as `stages.face_detector.detector_from_config` loads it (the wide session), and
     the lanes with `lane_plan`'s threads each."""
-    from facewatch.stages.face_detector import FaceDetector, detector_from_config
+    from facewatch.stages.face_detector import detector_from_config
     from facewatch.stages.precision import provider_in_use
 
     n, threads = lane_plan(lanes, models.threads, provider_in_use(models.providers))
@@ -102,6 +102,5 @@ def detector_and_lanes(models, lanes: int):
     if not n or detector.provider != "CPUExecutionProvider":
         return detector, None
     log.info("detector: %d lanes of %d thread%s", n, threads, "" if threads == 1 else "s")
-    return detector, DetectorLanes(detector, n, lambda: FaceDetector(
-        detector.choice.path, models.providers, models.detector_conf, models.detector_iou,
-        detector.imgsz, threads, spin=models.spin_wait))
+    return detector, DetectorLanes(detector, n,
+                                   lambda: detector_from_config(models, threads=threads))
