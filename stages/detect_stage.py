@@ -28,8 +28,6 @@ from facewatch.stages.stage import BatchingStage
 from facewatch.stages.transport import Defaults
 
 
-LANE_POLL_S = 0.002   # while frames are at the lanes, the loop checks them this often
-
 
 class DetectStage(BatchingStage):
     kind = "detect"
@@ -126,6 +124,7 @@ class DetectStage(BatchingStage):
 
     def _stream(self, drain: bool = False) -> list[Message]:
         out: list[Message] = []
+        self.lanes.bell.clear()   # before looking: a frame finishing later rings again
         while True:
             while self.inflight and self.inflight[0][3].done():
                 out += self._finish(self.inflight.popleft())
@@ -164,9 +163,11 @@ class DetectStage(BatchingStage):
         return [m]
 
     def next_deadline(self) -> float | None:
-        if self.lanes is not None:   # look at the lanes' progress often while frames are out
-            return time.monotonic() + LANE_POLL_S if self.inflight else None
-        return super().next_deadline()
+        return None if self.lanes is not None else super().next_deadline()
+
+    def wake(self):
+        """With lanes, a finished frame wakes the loop (`poll` then tracks it)."""
+        return self.lanes.bell if self.lanes is not None else None
 
     def poll(self, now: float) -> list[Message]:
         return self._stream() if self.lanes is not None else super().poll(now)

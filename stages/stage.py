@@ -112,6 +112,11 @@ class Stage:
         """When `poll` next has something to do (time.monotonic()), or None."""
         return None
 
+    def wake(self):
+        """An object with `fileno()` that turns readable when `poll` has work that no message
+        or deadline announces (work done on another thread), or None."""
+        return None
+
     def flush(self) -> list[Message]:
         """Everything held (pending batches), processed now."""
         return []
@@ -192,7 +197,7 @@ class Stage:
                 deadline = self.next_deadline()
                 wait = min(IDLE_POLL_S, next_beat - now,
                            IDLE_POLL_S if deadline is None else deadline - now)
-                msg = receiver.recv(max(0.0, wait)) if receiver else None
+                msg = receiver.recv(max(0.0, wait), self.wake()) if receiver else None
                 if receiver is not None and receiver.lost != lost_seen:
                     self.metrics.messages_lost.labels(self.kind).inc(receiver.lost - lost_seen)
                     lost_seen = receiver.lost

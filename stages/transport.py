@@ -207,14 +207,26 @@ class Receiver:
         self.lost = 0       # messages missing from per-sender sequences
         self.last_gap = 0   # how many were missing just before the last message returned
         self.invalid = 0    # messages that failed to decode
+        self._poller = None  # the socket and a wake descriptor (recv's `wake`)
 
     def waiting(self) -> bool:
         """A message is ready to be received now."""
         return bool(self.socket.poll(0, zmq.POLLIN))
 
-    def recv(self, timeout_s: float) -> Message | None:
-        """The next valid message, or None if none arrived within timeout_s."""
-        if not self.socket.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+    def recv(self, timeout_s: float, wake=None) -> Message | None:
+        """The next valid message, or None if none arrived within timeout_s. `wake`: a file
+        descriptor (its object's `fileno()`) that ends the wait early when readable, e.g. work
+        finished on another thread (its owner empties it)."""
+        timeout_ms = max(0, int(timeout_s * 1000))
+        if wake is None:
+            ready = self.socket.poll(timeout_ms, zmq.POLLIN)
+        else:
+            if self._poller is None:
+                self._poller = zmq.Poller()
+                self._poller.register(self.socket, zmq.POLLIN)
+                self._poller.register(wake, zmq.POLLIN)
+            ready = self.socket in dict(self._poller.poll(timeout_ms))
+        if not ready:
             return None
         frames = self.socket.recv_multipart(copy=False)
         try:

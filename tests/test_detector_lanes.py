@@ -67,6 +67,39 @@ def test_a_lane_error_reaches_the_caller(models):
         lanes.close()
 
 
+def test_a_finished_frame_wakes_the_receive_wait_and_a_message_still_arrives(tmp_path, models,
+                                                                            face_video):
+    """The detect loop sleeps in its socket wait while frames are at the lanes: a finished frame
+    must end that wait at once (not at its timeout), and messages must still come through it."""
+    import time
+
+    from facewatch.stages.messages import EndOfStream
+
+    detector, _ = models
+    frame = video_frames(face_video, 1)[0]
+    lanes = DetectorLanes(FaceDetector(detector, [CPU], threads=1), 2,
+                          lambda: FaceDetector(detector, [CPU], threads=1))
+    rx_transport, tx_transport = Transport(), Transport()
+    endpoint = f"ipc://{tmp_path}/wake.sock"
+    try:
+        rx = rx_transport.receiver(endpoint)
+        lanes.bell.clear()
+        assert rx.recv(0.05, lanes.bell) is None          # nothing rang: the full timeout
+        started = time.monotonic()
+        future = lanes.submit(frame)
+        assert rx.recv(30.0, lanes.bell) is None          # woken by the frame, no message
+        assert future.done() and time.monotonic() - started < 10.0
+        lanes.bell.clear()
+        tx = tx_transport.sender(endpoint, "test")
+        assert tx.send(EndOfStream(camera="cam", reason="test"))
+        msg = rx.recv(10.0, lanes.bell)
+        assert isinstance(msg, EndOfStream) and msg.camera == "cam"
+    finally:
+        lanes.close()
+        tx_transport.close()
+        rx_transport.close()
+
+
 def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = False,
                      poll_every: int = 3, cameras: int = 1) -> tuple[list[FaceCrops], Metrics]:
     """The detect stage in this process (no sockets), fed the video's frames as a lossless file
