@@ -71,8 +71,10 @@ def test_groups_are_one_person_each_and_copies_count_once(unlabelled):
     # the layout `train-embedder --labelled-folder` reads: OUT/<group>/<photo link>
     out = folder.parent / "pseudo"
     write_links(out, kept, faces)
-    groups = sorted(p for p in out.iterdir())
+    groups = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(groups) == len(kept)
+    from facewatch.training.labelled_folders import read_keep_list
+    assert read_keep_list(out / "keep.txt") == [g.name for g in groups]
     for g in groups:
         links = list(g.iterdir())
         assert all(p.is_symlink() and p.resolve().parent == folder.resolve() for p in links)

@@ -21,7 +21,8 @@ part of its photos from celebrity collections. SFace (0.99 on LFW pairs) finds t
    LFW's validation people and those the owners hold out are never trained on.
 
 Written: `OUT/<group>/<folder>__<photo>` links to the photos (the layout `train-embedder
---labelled-folder OUT` reads; its `teacher-cache --folder OUT` recomputes only those photos) and
+--labelled-folder OUT` reads; its `teacher-cache --folder OUT` recomputes only those photos),
+`OUT/keep.txt` (every group, for `--labelled-keep` when another labelled folder has a list) and
 `OUT/report.json` (threshold, counts per step, per folder). Research data stays where it is;
 nothing is copied.
 """
@@ -196,7 +197,7 @@ def leave_out_lfw(people: list[np.ndarray], vectors: np.ndarray, lfw_vectors: np
 
 
 def write_links(out: Path, people: list[np.ndarray], faces: Faces) -> None:
-    """OUT/<group>/<folder>__<photo> -> the photo (OUT is replaced whole)."""
+    """OUT/<group>/<folder>__<photo> -> the photo, and OUT/keep.txt (OUT is replaced whole)."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -207,6 +208,8 @@ def write_links(out: Path, people: list[np.ndarray], faces: Faces) -> None:
             folder = faces.folders[faces.folder[row]]
             rel = str(faces.paths[row])
             os.symlink((folder / rel).resolve(), person / f"{folder.resolve().name}__{rel.replace('/', '__')}")
+    # every group: the keep list `--labelled-keep` wants beside another folder's (e.g. CFP's)
+    (out / "keep.txt").write_text("".join(f"{g:05d}\n" for g in range(len(people))))
 
 
 def main() -> None:
