@@ -92,3 +92,21 @@ def test_threshold_follows_the_rate_and_larger_folders_get_stricter():
     assert json.dumps(report)
     assert folder_rate(1e-6, 1000, 500) == 1e-6       # never looser than asked
     assert folder_rate(1e-6, 1000, 2000) == pytest.approx(2.5e-7)
+
+
+def test_validation_guard_leaves_out_photos_of_validation_people_only(unlabelled):
+    """A photo of a validation person (another photo of them than the mean was made from) is
+    near their mean; photos of the other people are not."""
+    from facewatch.training.validation_guard import near_people, person_means
+
+    folder, truth, repeated = unlabelled
+    probe = load_faces([folder], centre=np.zeros(128, np.float32))
+    faces = load_faces([folder], centre=probe.vectors.mean(axis=0))
+    people = np.array([truth[str(p)] for p in faces.paths])
+    val = repeated[0]
+    first = np.flatnonzero(people == val)[:2]            # the "validation" photos
+    _, means = person_means(faces.vectors[first], people[first])
+    near = near_people(faces.vectors, means)
+    others = np.setdiff1d(np.flatnonzero(people == val), first)
+    assert near[first].all() and near[others].any()
+    assert not near[people != val].any()

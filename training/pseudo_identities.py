@@ -180,10 +180,9 @@ def group(vectors: np.ndarray, threshold: float, max_size: int = MAX_SIZE) -> tu
 def leave_out_lfw(people: list[np.ndarray], vectors: np.ndarray, lfw_vectors: np.ndarray,
                   lfw_people: np.ndarray, threshold: float) -> tuple[list[np.ndarray], list[dict]]:
     """People whose mean face is as close as `threshold` to an LFW person's mean are left out."""
-    names, inverse = np.unique(lfw_people, return_inverse=True)
-    means = np.zeros((len(names), vectors.shape[1]), np.float64)
-    np.add.at(means, inverse, lfw_vectors)
-    means /= np.linalg.norm(means, axis=1, keepdims=True) + 1e-12
+    from facewatch.training.validation_guard import person_means
+
+    names, means = person_means(lfw_vectors, lfw_people)
     kept, left = [], []
     for rows in people:
         m = vectors[rows].mean(axis=0)

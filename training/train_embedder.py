@@ -238,7 +238,13 @@ def _prepare_data(args) -> dict:
         if args.unlabelled_teacher:
             parts.append(_unlabelled_data(args, spec, mean))
         if args.unlabelled_folder:
-            parts.append(_folder_data(args, spec, mean))
+            guard = None
+            if args.teacher == "sface":   # validation people's faces, to keep them out
+                from facewatch.training.validation_guard import person_means
+
+                guard = person_means(centred(_sface_vectors(images, val_keys), mean),
+                                     np.array([k[0] for k in val_keys]))[1]
+            parts.append(_folder_data(args, spec, mean, guard))
         if parts:
             unlabelled = {"faces": 0}
             for crops, more_vectors, report in parts:
@@ -287,10 +293,14 @@ def _sface_vectors(images: Path, keys: list[tuple[str, int]]) -> np.ndarray:
     return faces.sface[[row[r] for r in rels]]
 
 
-def _folder_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+def _folder_data(args, spec: CropSpec, mean: np.ndarray, guard: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Crops and teacher vectors of every --unlabelled-folder's faces (`training.folder_teacher`),
     centred with the LFW training faces' mean. Photos where YuNet found no face, or implausible
-    points (of the alignment's layout), are left out."""
+    points (of the alignment's layout), are left out, and with `guard` (validation people's mean
+    vectors, `training.validation_guard`) those that look like a validation person."""
+    from facewatch.training.validation_guard import near_people
+
     from facewatch.training.embedder_data import load_folder_crops
     from facewatch.training.folder_teacher import load_folder_faces
     from facewatch.training.teacher_cache import centred
@@ -301,11 +311,15 @@ def _folder_data(args, spec: CropSpec, mean: np.ndarray) -> tuple[np.ndarray, np
         keep = faces.detected & faces.yunet_plausible
         if args.teacher == "dlib":
             keep &= faces.dlib_plausible
-        rows = np.flatnonzero(keep)
+        lookalike = np.zeros(len(faces), bool)
+        if guard is not None:
+            lookalike = keep & near_people(centred(faces.vectors(args.teacher), mean), guard)
+        rows = np.flatnonzero(keep & ~lookalike)
         crops.append(load_folder_crops(faces, rows, spec))
         vectors.append(centred(faces.vectors(args.teacher)[rows], mean))
         report["folders"][str(folder)] = {"faces": int(len(rows)),
                                           "left_out": int(len(faces) - len(rows)),
+                                          "left_out_like_validation_people": int(lookalike.sum()),
                                           "cache": Path(faces.cache).name}
     return np.concatenate(crops), np.concatenate(vectors), report
 
