@@ -208,6 +208,7 @@ class Receiver:
         self.last_gap = 0   # how many were missing just before the last message returned
         self.invalid = 0    # messages that failed to decode
         self._poller = None  # the socket and a wake descriptor (recv's `wake`)
+        self._poller_wake = None
 
     def waiting(self) -> bool:
         """A message is ready to be received now."""
@@ -221,8 +222,8 @@ class Receiver:
         if wake is None:
             ready = self.socket.poll(timeout_ms, zmq.POLLIN)
         else:
-            if self._poller is None:
-                self._poller = zmq.Poller()
+            if self._poller is None or self._poller_wake is not wake:
+                self._poller, self._poller_wake = zmq.Poller(), wake
                 self._poller.register(self.socket, zmq.POLLIN)
                 self._poller.register(wake, zmq.POLLIN)
             ready = self.socket in dict(self._poller.poll(timeout_ms))

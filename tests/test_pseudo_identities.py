@@ -110,3 +110,13 @@ def test_validation_guard_leaves_out_photos_of_validation_people_only(unlabelled
     others = np.setdiff1d(np.flatnonzero(people == val), first)
     assert near[first].all() and near[others].any()
     assert not near[people != val].any()
+
+
+def test_out_folder_not_written_by_the_tool_is_refused_and_kept(tmp_path):
+    """--out pointing at a folder of someone's data must never delete it."""
+    data = tmp_path / "extra"
+    (data / "celeba").mkdir(parents=True)
+    (data / "celeba" / "0001.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not written by pseudo_identities"):
+        write_links(data, [], faces=None)   # refused before any face is needed
+    assert (data / "celeba" / "0001.jpg").read_bytes() == b"x"

@@ -41,6 +41,7 @@ DEFAULT_FAR = 1e-6
 DUPLICATE = 0.95      # the same photo re-encoded or re-cropped scores ~0.97-1.0; two photos far less
 MAX_SIZE = 40
 BLOCK = 4096
+REPORT = "report.json"   # marks a folder this tool wrote (and may replace)
 
 
 @dataclass
@@ -68,15 +69,13 @@ def lfw_reference(lfw_dir: Path):
     return centre, centred(lfw.sface[keep], centre), people
 
 
-def _pairs_above(a: np.ndarray, b: np.ndarray | None, threshold: float):
-    """(i, j, cosine) of every pair with cosine >= threshold; within `a` (i < j) when b is None."""
-    rows, cols, sims = [], [], []
-    other = a if b is None else b
+def _pairs_above(a: np.ndarray, threshold: float):
+    """(i, j, cosine) of every pair i < j of rows of `a` with cosine >= threshold."""
+    rows, cols, sims = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     for s in range(0, len(a), BLOCK):
-        block = a[s:s + BLOCK] @ other.T
-        if b is None:
-            below = np.arange(block.shape[1])[None, :] <= np.arange(s, s + len(block))[:, None]
-            block[below] = -1                           # each pair once: column after row
+        block = a[s:s + BLOCK] @ a.T
+        below = np.arange(block.shape[1])[None, :] <= np.arange(s, s + len(block))[:, None]
+        block[below] = -1                               # each pair once: column after row
         i, j = np.nonzero(block >= threshold)
         rows.append(i + s), cols.append(j), sims.append(block[i, j])
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
@@ -110,7 +109,7 @@ def calibrate(vectors: np.ndarray, people: np.ndarray) -> Calibration:
     n = len(vectors)
     ids = np.unique(people, return_inverse=True)[1]
     same_total = int(sum(c * (c - 1) // 2 for c in np.bincount(ids)))
-    i, j, s = _pairs_above(vectors, None, FLOOR)
+    i, j, s = _pairs_above(vectors, FLOOR)
     same = ids[i] == ids[j]
     return Calibration(np.sort(s[~same])[::-1], s[same], n * (n - 1) // 2 - same_total,
                        same_total, n)
@@ -145,7 +144,7 @@ def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 def group(vectors: np.ndarray, threshold: float, max_size: int = MAX_SIZE) -> tuple[list[np.ndarray], dict]:
     """Rows of each person found (lists of 2+ face indices) and the counts of each step."""
-    i, j, s = _pairs_above(vectors, None, min(threshold, DUPLICATE))
+    i, j, s = _pairs_above(vectors, min(threshold, DUPLICATE))
     # 1. near-duplicates: one face stands for each group of copies
     dup = s >= DUPLICATE
     copies = _components(len(vectors), i[dup], j[dup])
@@ -196,8 +195,12 @@ def leave_out_lfw(people: list[np.ndarray], vectors: np.ndarray, lfw_vectors: np
 
 
 def write_links(out: Path, people: list[np.ndarray], faces: Faces) -> None:
-    """OUT/<group>/<folder>__<photo> -> the photo, and OUT/keep.txt (OUT is replaced whole)."""
+    """OUT/<group>/<folder>__<photo> -> the photo, and OUT/keep.txt. An OUT of an earlier run
+    (it has REPORT) is replaced whole; any other non-empty OUT is refused, never deleted."""
     if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / REPORT).is_file()):
+            raise FileExistsError(f"--out {out}: exists and was not written by pseudo_identities "
+                                  f"(no {REPORT}); give a new or empty folder, nothing was changed")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     for g, rows in enumerate(people):
@@ -224,8 +227,14 @@ def main() -> None:
     p.add_argument("--max-size", type=int, default=MAX_SIZE)
     p.add_argument("--lfw-threshold", type=float, default=FACE_THRESHOLD)
     args = p.parse_args()
-    if args.out.resolve() in {f.resolve() for f in args.folder}:
-        raise ValueError(f"--out {args.out} is one of the --folder: it is replaced whole")
+    if not 0.0 < args.far < 1.0:
+        p.error(f"--far must be a pair rate between 0 and 1, got {args.far}")
+    if args.max_size < 2:
+        p.error(f"--max-size must be at least 2 photos, got {args.max_size}")
+    out = args.out.resolve()
+    for f in args.folder:
+        if out == f.resolve() or out in f.resolve().parents:
+            p.error(f"--out {args.out} holds the photos of --folder {f}: it is replaced whole")
     centre, lfw_vectors, lfw_people = lfw_reference(Path(args.lfw or default_images_dir()))
     calib = calibrate(lfw_vectors, lfw_people)
     faces = load_faces(args.folder, centre)
@@ -246,7 +255,7 @@ def main() -> None:
     write_links(args.out, people, faces)
     report = {"far": args.far, "people": len(people), "faces": int(sum(len(r) for r in people)),
               "folders": per_folder}
-    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    (args.out / REPORT).write_text(json.dumps(report, indent=1))
     print(json.dumps({**report, "folders": {f: {k: v for k, v in r.items() if k != "left_out_examples"}
                                             for f, r in per_folder.items()}}))
 
