@@ -172,9 +172,10 @@ class ModelsConfig(Section):
     detector_imgsz: int | None = Field(None, ge=32, le=4096, description="null: from the model")
     # fp32 or int8 per execution provider (stages.precision): with int8 a stage loads the model's
     # int8 copy (`facewatch quantize-model`): <kind>_int8 when set, else <model>.int8.onnx beside
-    # the model when present and quantised from it, else the float file (logged)
-    precision: dict[str, Literal["fp32", "int8"]] = Field(
-        default_factory=lambda: {"CPUExecutionProvider": "int8", "CUDAExecutionProvider": "fp32"})
+    # the model when present and quantised from it, else the float file (logged); auto (CPU): the
+    # int8 copy where it is clearly faster on this CPU, timed once per host (stages.int8_probe)
+    precision: dict[str, Literal["fp32", "int8", "auto"]] = Field(
+        default_factory=lambda: {"CPUExecutionProvider": "auto", "CUDAExecutionProvider": "fp32"})
     detector_int8: Path | None = None
     landmarks_int8: Path | None = None
     embedder_int8: Path | None = None
@@ -206,10 +207,10 @@ class ModelsConfig(Section):
         bad = [p for p in precision if not p.endswith("ExecutionProvider")]
         if bad:
             raise ValueError(f"not onnxruntime execution provider names: {bad}")
-        gpu_int8 = [p for p, v in precision.items() if v == "int8" and p not in INT8_PROVIDERS]
+        gpu_int8 = [p for p, v in precision.items() if v != "fp32" and p not in INT8_PROVIDERS]
         if gpu_int8:
-            raise ValueError(f"int8 is for {list(INT8_PROVIDERS)} only (the int8 files are CPU "
-                             f"graphs); {gpu_int8} keep fp32")
+            raise ValueError(f"int8 and auto are for {list(INT8_PROVIDERS)} only (the int8 files "
+                             f"are CPU graphs); {gpu_int8} keep fp32")
         return precision
 
     @field_validator("providers")

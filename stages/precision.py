@@ -6,7 +6,9 @@ first of `models.providers` this onnxruntime build has (the one the session will
 `int8` a stage loads `models.<kind>_int8` when the config names one (missing: refused at
 start-up and by validate-config), else the `.int8.onnx` sibling when it is there and was
 quantised from this very file (its `quantization.parent_sha256`), else the float file, saying
-why in the log. CUDA keeps fp32: the int8 files are CPU graphs (QDQ / dynamic MatMul).
+why in the log. CUDA keeps fp32: the int8 files are CPU graphs (QDQ / dynamic MatMul). `auto` (the CPU
+default) takes the int8 copy only where it is clearly faster on this CPU: timed once per host
+and file pair, side by side with the float file, and cached (stages.int8_probe).
 
 An int8 embedder keeps its parent's `embedding_space`, so a gallery enrolled with the float
 file (enrollment always uses it) is compared with int8 embeddings as it is.
@@ -21,10 +23,10 @@ from pathlib import Path
 from facewatch.stages.errors import SetupError
 
 log = logging.getLogger("facewatch.precision")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "auto")
 KINDS = ("detector", "landmarks", "embedder")
 INT8_PROVIDERS = ("CPUExecutionProvider",)
-DEFAULT_PRECISION = {"CPUExecutionProvider": "int8", "CUDAExecutionProvider": "fp32"}
+DEFAULT_PRECISION = {"CPUExecutionProvider": "auto", "CUDAExecutionProvider": "fp32"}
 
 
 def int8_sibling(path: Path) -> Path:
@@ -72,7 +74,7 @@ def choose(models, kind: str) -> ModelChoice:
     path = Path(getattr(models, kind))
     provider = provider_in_use(models.providers)
     want = (getattr(models, "precision", None) or {}).get(provider, "fp32")
-    if want != "int8":
+    if want not in ("int8", "auto"):
         return ModelChoice(kind, path, "fp32", provider, f"models.precision: {want}")
     explicit = getattr(models, f"{kind}_int8", None)
     candidate = Path(explicit) if explicit is not None else int8_sibling(path)
@@ -90,7 +92,24 @@ def choose(models, kind: str) -> ModelChoice:
             if explicit is not None:
                 raise SetupError(f"models.{kind}_int8: {why}; quantise this one again")
             return ModelChoice(kind, path, "fp32", provider, f"stale int8 copy not used: {why}")
+    if want == "auto":
+        return _timed_choice(models, kind, path, candidate, provider)
     return ModelChoice(kind, candidate, "int8", provider, "models.precision: int8")
+
+
+def _timed_choice(models, kind: str, path: Path, candidate: Path, provider: str) -> ModelChoice:
+    """`auto`: the int8 copy where this CPU runs it clearly faster than the float file."""
+    from facewatch.stages.errors import ModelError
+    from facewatch.stages.int8_probe import int8_verdict
+
+    try:
+        verdict = int8_verdict(kind, path, candidate, getattr(models, "threads", 0),
+                               getattr(models, "spin_wait", False))
+    except (ModelError, ValueError, OSError) as exc:   # loading the float file names its problem
+        return ModelChoice(kind, path, "fp32", provider, f"models.precision: auto, not timed: {exc}")
+    if not verdict.use_int8:
+        return ModelChoice(kind, path, "fp32", provider, f"models.precision: auto, {verdict.describe()}")
+    return ModelChoice(kind, candidate, "int8", provider, f"models.precision: auto, {verdict.describe()}")
 
 
 def load(choice: ModelChoice, float_path, loader):

@@ -81,6 +81,16 @@ def short_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def int8_speed_cache(tmp_path_factory):
+    """models.precision auto's timings (stages.int8_probe) go to a folder of the test session,
+    shared by its daemons, never to the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cache")
+        mp.setenv("FACEWATCH_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A fresh runs/ folder (FACEWATCH_RUNS) for one test module's training runs and caches."""

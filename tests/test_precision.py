@@ -3,6 +3,8 @@ real model files: which file a stage loads, what validate-config refuses, and wh
 daemon's /metrics and log say."""
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -40,7 +42,7 @@ def test_the_file_each_model_runs_follows_precision_and_what_is_there(tmp_path):
     # the embedder's int8 "copy" here was made from another file: stale, never used
     (tmp_path / "face_embedder.int8.onnx").symlink_to(MODELS_DIR / "face_landmarks.int8.onnx")
 
-    m = models_section(tmp_path)   # default: CPU int8
+    m = models_section(tmp_path, precision={"CPUExecutionProvider": "int8"})
     lm, det, emb = choose(m, "landmarks"), choose(m, "detector"), choose(m, "embedder")
     assert (lm.path.name, lm.precision, lm.provider) == ("face_landmarks.int8.onnx", "int8",
                                                          "CPUExecutionProvider")
@@ -59,9 +61,10 @@ def test_the_file_each_model_runs_follows_precision_and_what_is_there(tmp_path):
         choose(wrong, "embedder")
 
 
-def test_int8_is_refused_for_gpu_providers():
-    with pytest.raises(ConfigError, match="int8 is for .*CPUExecutionProvider.* only"):
-        models_section(MODELS_DIR, precision={"CUDAExecutionProvider": "int8"})
+@pytest.mark.parametrize("precision", ["int8", "auto"])
+def test_int8_and_auto_are_refused_for_gpu_providers(precision):
+    with pytest.raises(ConfigError, match="int8 and auto are for .*CPUExecutionProvider.* only"):
+        models_section(MODELS_DIR, precision={"CUDAExecutionProvider": precision})
 
 
 def test_validate_config_names_a_missing_int8_file(tmp_path):
@@ -79,7 +82,8 @@ def test_validate_config_names_a_missing_int8_file(tmp_path):
 def test_the_daemon_says_which_precision_each_model_runs_at(short_video, short_dir, daemons):
     config = write_config(short_dir / "config.yaml",
                           [{"name": "lobby", "uri": str(short_video.path), "loop": True}],
-                          runtime={"dir": str(short_dir / "run")})
+                          runtime={"dir": str(short_dir / "run")},
+                          models={"precision": {"CPUExecutionProvider": "int8"}})
     port = yaml.safe_load(config.read_text())["metrics"]["port"]
     daemon = daemons(config, short_dir / "run")
     daemon.wait_ready(120)
@@ -109,9 +113,13 @@ def test_a_corrupt_int8_copy_is_named_and_a_wrong_model_still_names_the_configur
 
     (tmp_path / "face_landmarks.onnx").symlink_to(LANDMARKS)
     (tmp_path / "face_landmarks.int8.onnx").write_bytes(b"not an onnx file")
-    m = models_section(tmp_path)
+    m = models_section(tmp_path, precision={"CPUExecutionProvider": "int8"})
     with pytest.raises(ModelError, match="face_landmarks.int8.onnx"):
         landmark_model_from_config(m, landmark_alignment(LANDMARKS))
+    # auto cannot time the copy: the float file runs, and the reason names the copy
+    auto = choose(models_section(tmp_path), "landmarks")
+    assert (auto.path.name, auto.precision) == ("face_landmarks.onnx", "fp32")
+    assert "not timed" in auto.why and "face_landmarks.int8.onnx" in auto.why
     # the configured file is the wrong kind (an embedder) and has an int8 sibling: the error
     # names the configured file, as without int8 copies
     (tmp_path / "face_landmarks.onnx").unlink()
@@ -119,7 +127,8 @@ def test_a_corrupt_int8_copy_is_named_and_a_wrong_model_still_names_the_configur
     (tmp_path / "face_landmarks.onnx").symlink_to(EMBEDDER)
     (tmp_path / "face_landmarks.int8.onnx").symlink_to(int8_sibling(EMBEDDER))
     with pytest.raises(ModelError) as exc:
-        landmark_model_from_config(models_section(tmp_path), landmark_alignment(LANDMARKS))
+        landmark_model_from_config(models_section(tmp_path, precision={"CPUExecutionProvider": "int8"}),
+                                   landmark_alignment(LANDMARKS))
     assert str(tmp_path / "face_landmarks.onnx") in str(exc.value)
 
 
@@ -142,3 +151,65 @@ def test_models_spin_wait_reaches_every_onnxruntime_session(spin_wait):
     assert {k: s.get_session_options().get_session_config_entry(
         "session.intra_op.allow_spinning") for k, s in sessions.items()} == \
         dict.fromkeys(sessions, want)
+
+
+# --- auto: int8 only where this CPU runs it clearly faster (stages/int8_probe.py) -------------
+
+@needs_int8
+def test_auto_times_each_model_once_per_host_and_takes_the_faster_file(tmp_path, monkeypatch):
+    from facewatch.stages import int8_probe
+
+    monkeypatch.setenv("FACEWATCH_CACHE_DIR", str(tmp_path / "cache"))
+    m = models_section(MODELS_DIR)   # the CPU default is auto
+    first = {kind: choose(m, kind) for kind in ("landmarks", "embedder")}
+    entries = json.loads((tmp_path / "cache" / int8_probe.CACHE_FILE).read_text())
+    assert len(entries) == 2
+    for kind, choice in first.items():
+        (timed,) = [v for k, v in entries.items() if k.startswith(f"{kind}|")]
+        assert timed["fp32_ms"] > 0 and timed["int8_ms"] > 0
+        faster = timed["int8_ms"] <= int8_probe.INT8_MARGIN * timed["fp32_ms"]
+        assert (choice.path.name, choice.precision) == \
+            ((f"face_{kind}.int8.onnx", "int8") if faster else (f"face_{kind}.onnx", "fp32"))
+        assert choice.why.startswith("models.precision: auto, int8 ") and "ms a call" in choice.why
+    # later starts (every stage, every restart) read the verdict instead of timing again
+    monkeypatch.setattr(int8_probe, "measure", lambda *a, **k: pytest.fail("timed again"))
+    assert {kind: choose(m, kind) for kind in first} == first
+
+
+@needs_int8
+@pytest.mark.parametrize(("int8_ms", "want"), [(5.0, "int8"), (9.6, "fp32"), (14.0, "fp32")])
+def test_auto_takes_int8_only_when_clearly_faster(tmp_path, monkeypatch, int8_ms, want):
+    """Within 5% the float file, the accuracy reference, runs."""
+    from facewatch.stages import int8_probe
+
+    monkeypatch.setenv("FACEWATCH_CACHE_DIR", str(tmp_path))
+    key = int8_probe.probe_key("embedder", EMBEDDER, int8_sibling(EMBEDDER), 0)
+    (tmp_path / int8_probe.CACHE_FILE).write_text(json.dumps(
+        {key: {"fp32_ms": 10.0, "int8_ms": int8_ms, "measured": "2026-12-01T00:00:00Z"}}))
+    choice = choose(models_section(MODELS_DIR), "embedder")
+    assert choice.precision == want
+    assert f"int8 {10.0 / int8_ms:.2f}x fp32 on this CPU ({int8_ms:.1f} vs 10.0 ms" in choice.why
+
+
+@needs_int8
+def test_a_corrupt_or_unwritable_speed_cache_is_named_and_the_daemon_still_chooses(tmp_path, monkeypatch,
+                                                                                 caplog):
+    from facewatch.stages import int8_probe
+
+    cache = tmp_path / int8_probe.CACHE_FILE
+    cache.write_text("{half a file")
+    monkeypatch.setenv("FACEWATCH_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, "facewatch.int8_probe"):
+        choice = choose(models_section(MODELS_DIR), "landmarks")
+    assert f"int8 speed cache {cache} is unreadable" in caplog.text
+    assert "auto, int8" in choice.why
+    assert [k.split("|")[0] for k in json.loads(cache.read_text())] == ["landmarks"]   # replaced
+
+    blocker = tmp_path / "a_file"   # the cache folder cannot be made: a file is in the way
+    blocker.write_text("")
+    monkeypatch.setenv("FACEWATCH_CACHE_DIR", str(blocker))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "facewatch.int8_probe"):
+        choice = choose(models_section(MODELS_DIR), "landmarks")
+    assert f"int8 speed cache {blocker / int8_probe.CACHE_FILE} not written" in caplog.text
+    assert "auto, int8" in choice.why

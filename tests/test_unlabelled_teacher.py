@@ -61,6 +61,26 @@ def test_trainer_loss_is_arcface_on_labelled_rows_plus_distillation_on_all():
     identity = float(arcface_loss(trainer.head(e[labelled], labels[labelled]), labels[labelled]))
     distill = float(distillation_loss(e, teacher, 2.0, 3.0))
     assert got == pytest.approx(identity + distill, rel=1e-5)
+    # --identity-weight scales the identity loss; 0 leaves the distillation alone
+    for weight in (0.5, 0.0):
+        trainer.identity_weight = weight
+        got = float(trainer.compute_loss(y=(labels, teacher), y_pred=e))
+        assert got == pytest.approx(weight * identity + distill, rel=1e-5)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--identity-weight", "0"], "--identity-weight 0 leaves no loss without a --teacher"),
+    (["--identity-weight", "-1", "--teacher", "sface"], "--identity-weight must be >= 0"),
+])
+def test_identity_weight_is_checked_before_any_data_is_prepared(runs, argv, message):
+    import argparse
+
+    from facewatch.training import train_embedder
+
+    parser = argparse.ArgumentParser()
+    train_embedder.add_arguments(parser)
+    with pytest.raises(ValueError, match=message):
+        train_embedder._check_labelled(parser.parse_args(argv))
 
 
 def test_epochs_cap_the_share_of_unlabelled_faces():

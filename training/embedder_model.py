@@ -213,13 +213,17 @@ class EmbedderTrainer(keras.Model):
     def __init__(self, embedder: keras.Model, loss: str = "arcface", num_classes: int = 0,
                  arc_scale: float = 32.0, arc_margin: float = 0.4, triplet_margin: float = 0.3,
                  mining: str = "semi-hard", contrastive_margin: float = 1.0,
-                 distill_weight: float = 0.0, relation_weight: float = 0.0, **kwargs):
+                 distill_weight: float = 0.0, relation_weight: float = 0.0,
+                 identity_weight: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         # With a teacher, targets are (labels, teacher embeddings) and the loss adds
         # distillation_loss; without, targets are the labels alone. Rows labelled -1 (faces
         # without identity) count in the distillation loss only (ArcFace masks them; the
         # triplet and contrastive losses do not, so train_embedder refuses that combination).
         self.distill_weight, self.relation_weight = distill_weight, relation_weight
+        # 0: the identity loss is left out (distillation only; the ArcFace head stays, untrained,
+        # so a run can be resumed or initialised either way).
+        self.identity_weight = identity_weight
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.embedder = embedder
@@ -242,7 +246,9 @@ class EmbedderTrainer(keras.Model):
         teacher = None
         if isinstance(y, (tuple, list)):
             y, teacher = y
-        loss = self._identity_loss(y, y_pred)
+        loss = 0.0
+        if self.identity_weight:
+            loss = self.identity_weight * self._identity_loss(y, y_pred)
         if teacher is not None:
             loss = loss + distillation_loss(y_pred, teacher, self.distill_weight, self.relation_weight)
         if self.losses:

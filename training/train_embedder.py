@@ -46,12 +46,12 @@ ARCHITECTURE_ARGS = ("backbone", "loss", "mining", "embedding_size", "arc_scale"
                      "triplet_margin", "contrastive_margin", "per_identity", "crop_scale",
                      "detector", "detector_imgsz", "max_people", "dropout", "drop_path",
                      "alignment", "landmarks", "teacher", "distill_weight", "relation_weight",
-                     "unlabelled_teacher", "unlabelled_folder", "unlabelled_share",
+                     "identity_weight", "unlabelled_teacher", "unlabelled_folder", "unlabelled_share",
                      "unlabelled_max_images",
                      "unlabelled_max_frames", "input_size", "labelled_folder", "labelled_keep")
 # Architecture keys added after runs existed: what a saved state without them was trained with
 # (a missing key must not come back as None on --resume).
-ARCHITECTURE_DEFAULTS = {"input_size": 112}
+ARCHITECTURE_DEFAULTS = {"input_size": 112, "identity_weight": 1.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="weight of 1 - cos(student, teacher) in the loss")
     a("--relation-weight", type=float, default=10.0,
       help="weight of the pairwise-similarity matching term in the loss")
+    a("--identity-weight", type=float, default=1.0,
+      help="weight of the identity loss (--loss); 0 with a --teacher: distillation only, the "
+           "student learns the teacher's space on every face, labelled or not")
     a("--unlabelled-teacher", action="store_true",
       help="also distil on faces without identity (WIDER FACE boxes and the clip's tracked faces "
            "at least 48 px tall, `facewatch teacher-cache --unlabelled`); ArcFace ignores them. "
@@ -408,6 +411,10 @@ def _check_labelled(args) -> None:
     if args.labelled_folder and args.alignment == "five_point" and args.teacher != "dlib":
         raise ValueError("--labelled-folder with --alignment five_point needs --teacher dlib "
                          "(dlib's points); use --alignment arcface_five_point (YuNet's) or box")
+    if args.identity_weight < 0:
+        raise ValueError(f"--identity-weight must be >= 0, got {args.identity_weight}")
+    if args.identity_weight == 0 and args.teacher == "none":
+        raise ValueError("--identity-weight 0 leaves no loss without a --teacher to distil")
     if args.init_from is not None and args.resume:
         raise ValueError("--init-from starts a new run; --resume continues one: pass one of them")
 
@@ -482,7 +489,7 @@ def _build(args, num_classes: int):
                               args.drop_path, input_size=args.input_size)
     trainer = EmbedderTrainer(embedder, args.loss, num_classes, args.arc_scale, args.arc_margin,
                               args.triplet_margin, args.mining, args.contrastive_margin,
-                              args.distill_weight, args.relation_weight)
+                              args.distill_weight, args.relation_weight, args.identity_weight)
     optimizer = keras.optimizers.AdamW(learning_rate=args.lr, weight_decay=args.weight_decay,
                                        clipnorm=5.0)
     # No decay on norms, biases and layer scales (standard for ConvNeXt), nor on ArcFace
