@@ -220,3 +220,32 @@ def test_evaluate_embedder_face_px_reports_smaller_faces(capsys):
     with pytest.raises(SystemExit, match="--write-metadata with --face-px"):
         main(["evaluate-embedder", "--model", str(COMMITTED_MODEL), "--face-px", "32",
               "--write-metadata"])
+
+
+@pytest.mark.skipif(not COMMITTED_MODEL.is_file(), reason=f"{COMMITTED_MODEL} not exported yet")
+def test_evaluate_embedder_measures_the_teacher_on_the_daemons_crops(capsys):
+    """`--model sface:96`: the SFace teacher on the runtime crops (our detector and landmarks) at
+    the student's size: the ceiling a student that reproduced its teacher would reach (0.997 on
+    all 6,000 pairs), well above the shipped student on the same pairs."""
+    from facewatch.training.wheel_models import SFACE, wheel_model_path
+
+    try:
+        wheel_model_path(SFACE)
+    except FileNotFoundError as exc:
+        pytest.skip(f"SFace not installed: {exc}")
+    if not LFW.is_dir():
+        pytest.skip(f"LFW images not found at {LFW}")
+    from facewatch.daemon.cli import main
+
+    scores = {}
+    for model in ("sface:96", str(COMMITTED_MODEL)):
+        assert main(["evaluate-embedder", "--model", model, "--max-pairs", "600",
+                     "--images", str(LFW)]) == 0
+        scores[model] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    teacher = scores["sface:96"]
+    assert teacher["crop_alignment"] == "arcface_five_point" and teacher["accuracy"] > 0.98, teacher
+    assert teacher["accuracy"] > scores[str(COMMITTED_MODEL)]["accuracy"]
+    with pytest.raises(SystemExit, match="--write-metadata needs an ONNX file"):
+        main(["evaluate-embedder", "--model", "sface", "--write-metadata"])
+    assert main(["evaluate-embedder", "--model", "sface:big", "--max-pairs", "60",
+                 "--images", str(LFW)]) != 0

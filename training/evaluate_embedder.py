@@ -135,7 +135,15 @@ def sharpness_summary(crops: np.ndarray) -> dict:
 
 
 def load_embedder(path: Path, flip_average: bool | None = None):
-    """FaceEmbedder for .onnx (exactly the daemon's runtime), KerasEmbedder for .keras."""
+    """FaceEmbedder for .onnx (exactly the daemon's runtime), KerasEmbedder for .keras; `sface`
+    or `sface:SIZE`: the SFace teacher on the same crops (the ceiling a student could reach)."""
+    if str(path).split(":")[0] == "sface":
+        from facewatch.training.sface_teacher import SFACE_SIZE, SFaceEmbedder
+
+        size = str(path).partition(":")[2]
+        if size and not size.isdigit():
+            raise ValueError(f"--model sface:SIZE takes a crop size in pixels, got {path}")
+        return SFaceEmbedder(int(size) if size else SFACE_SIZE)
     path = Path(path)
     if path.suffix == ".keras":
         summary = path.parent / "summary.json"
@@ -168,7 +176,9 @@ def _positive_px(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir
 
-    parser.add_argument("--model", type=Path, required=True, help=".onnx export or .keras checkpoint")
+    parser.add_argument("--model", type=Path, required=True,
+                        help=".onnx export or .keras checkpoint; `sface` (or `sface:96`: crops at 96 "
+                             "px scaled up): the SFace teacher on the same crops, the ceiling")
     parser.add_argument("--pairs", type=Path, default=VAL_PAIRS_FILE,
                         help="LFW-format pairs file (default: the fixed validation pairs)")
     parser.add_argument("--images", type=Path, default=None,
@@ -223,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     if args.face_px is not None and args.write_metadata:
         raise SystemExit("--write-metadata with --face-px would store the impostor table of "
                          "degraded faces as the model's open-set calibration; run them apart")
+    if args.write_metadata and str(args.model).startswith("sface"):
+        raise SystemExit("--write-metadata needs an ONNX file: --model sface is the teacher")
     pairs, folds = read_pairs(args.pairs)
     if args.max_pairs:
         pairs, folds = subset_pairs(pairs, folds, args.max_pairs)

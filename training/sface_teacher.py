@@ -212,3 +212,23 @@ def template_residual(points: np.ndarray, matrix: np.ndarray, size: int = SFACE_
     """(5,) pixel distance between each point mapped by `matrix` and its template position."""
     mapped = np.asarray(points, np.float32) @ matrix[:, :2].T + matrix[:, 2]
     return np.hypot(*(mapped - ARCFACE_TEMPLATE * (size / SFACE_SIZE)).T)
+
+
+class SFaceEmbedder:
+    """SFace behind FaceEmbedder's interface (BGR crops in, unit vectors out), on the daemon's own
+    crops: `facewatch evaluate-embedder --model sface` measures what a student that reproduced
+    the teacher exactly would score through the runtime path (our detector and landmarks), at
+    SFace's 112 px or at a student's size scaled up (`size`)."""
+
+    def __init__(self, size: int = SFACE_SIZE, threads: int = 0):
+        from facewatch.stages.face_crop import CropSpec
+
+        self.teacher = SFaceTeacher(threads=threads)
+        self.input_size = size
+        self.crop_spec = CropSpec(size, "arcface_five_point")
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        if crops.shape[1:3] != (SFACE_SIZE, SFACE_SIZE):
+            crops = np.stack([cv2.resize(c, (SFACE_SIZE, SFACE_SIZE), interpolation=cv2.INTER_LINEAR)
+                              for c in crops])
+        return self.teacher.embed_crops(crops)
