@@ -756,7 +756,8 @@ def _write_summary(args, state: dict, data: dict, run_dir: Path, trainer) -> Non
         "crop_scale": args.crop_scale,
         "crop_alignment": args.alignment,
         "flip_average": True,
-        "loss": args.loss + (f" + {args.teacher} distillation" if args.teacher != "none" else ""),
+        "loss": (f"{args.teacher} distillation only" if args.identity_weight == 0 else
+                 args.loss + (f" + {args.teacher} distillation" if args.teacher != "none" else "")),
         "threshold": best.get("threshold"),
         "threshold_kind": "cosine similarity; same person when >= threshold",
         "best_epoch": state["best_epoch"],
