@@ -484,9 +484,9 @@ class Supervisor:
             healthy = self.check_health(now)
             if not self.ready_sent and not self.shutting_down and self.all_ready():
                 self.ready_sent = True
+                self.write_status()     # before READY=1: whoever it wakes reads a ready status
                 self.notifier.ready(self.summary())
                 log.info("all %d stages ready", len(self.stages))
-                self._status_dirty = True
             interval = self.notifier.watchdog_interval()
             if interval and healthy and now >= self.next_watchdog:
                 self.notifier.watchdog()
