@@ -105,7 +105,8 @@ def _timed_choice(models, kind: str, path: Path, candidate: Path, provider: str)
     try:
         verdict = int8_verdict(kind, path, candidate, getattr(models, "threads", 0),
                                getattr(models, "spin_wait", False))
-    except (ModelError, ValueError, OSError) as exc:   # loading the float file names its problem
+    # onnxruntime's run errors are RuntimeErrors; loading the float file then names its problem
+    except (ModelError, ValueError, OSError, RuntimeError) as exc:
         return ModelChoice(kind, path, "fp32", provider, f"models.precision: auto, not timed: {exc}")
     if not verdict.use_int8:
         return ModelChoice(kind, path, "fp32", provider, f"models.precision: auto, {verdict.describe()}")

@@ -223,7 +223,7 @@ def test_evaluate_embedder_face_px_reports_smaller_faces(capsys):
 
 
 @pytest.mark.skipif(not COMMITTED_MODEL.is_file(), reason=f"{COMMITTED_MODEL} not exported yet")
-def test_evaluate_embedder_measures_the_teacher_on_the_daemons_crops(capsys):
+def test_evaluate_embedder_measures_the_teacher_on_the_daemons_crops(capsys, caplog):
     """`--model sface:96`: the SFace teacher on the runtime crops (our detector and landmarks) at
     the student's size: the ceiling a student that reproduced its teacher would reach (0.997 on
     all 6,000 pairs), well above the shipped student on the same pairs."""
@@ -247,5 +247,10 @@ def test_evaluate_embedder_measures_the_teacher_on_the_daemons_crops(capsys):
     assert teacher["accuracy"] > scores[str(COMMITTED_MODEL)]["accuracy"]
     with pytest.raises(SystemExit, match="--write-metadata needs an ONNX file"):
         main(["evaluate-embedder", "--model", "sface", "--write-metadata"])
-    assert main(["evaluate-embedder", "--model", "sface:big", "--max-pairs", "60",
-                 "--images", str(LFW)]) != 0
+    for bad in ("sface:big", "sface:0"):
+        assert main(["evaluate-embedder", "--model", bad, "--max-pairs", "60",
+                     "--images", str(LFW)]) != 0
+        assert f"takes a crop size of at least 32 pixels, got {bad}" in caplog.text
+    from facewatch.training.evaluate_embedder import is_teacher
+
+    assert is_teacher("sface") and is_teacher("sface:96") and not is_teacher("sface_student.onnx")

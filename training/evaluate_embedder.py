@@ -134,15 +134,20 @@ def sharpness_summary(crops: np.ndarray) -> dict:
             "min_blur": min_blur, "under_min_blur": round(float((values < min_blur).mean()), 4)}
 
 
+def is_teacher(model) -> bool:
+    """`--model sface` / `sface:SIZE` names the SFace teacher, not a file."""
+    return str(model).split(":")[0] == "sface"
+
+
 def load_embedder(path: Path, flip_average: bool | None = None):
     """FaceEmbedder for .onnx (exactly the daemon's runtime), KerasEmbedder for .keras; `sface`
     or `sface:SIZE`: the SFace teacher on the same crops (the ceiling a student could reach)."""
-    if str(path).split(":")[0] == "sface":
+    if is_teacher(path):
         from facewatch.training.sface_teacher import SFACE_SIZE, SFaceEmbedder
 
         size = str(path).partition(":")[2]
-        if size and not size.isdigit():
-            raise ValueError(f"--model sface:SIZE takes a crop size in pixels, got {path}")
+        if size and not (size.isdigit() and int(size) >= 32):
+            raise ValueError(f"--model sface:SIZE takes a crop size of at least 32 pixels, got {path}")
         return SFaceEmbedder(int(size) if size else SFACE_SIZE)
     path = Path(path)
     if path.suffix == ".keras":
@@ -233,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     if args.face_px is not None and args.write_metadata:
         raise SystemExit("--write-metadata with --face-px would store the impostor table of "
                          "degraded faces as the model's open-set calibration; run them apart")
-    if args.write_metadata and str(args.model).startswith("sface"):
+    if args.write_metadata and is_teacher(args.model):
         raise SystemExit("--write-metadata needs an ONNX file: --model sface is the teacher")
     pairs, folds = read_pairs(args.pairs)
     if args.max_pairs:
