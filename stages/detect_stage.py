@@ -1,5 +1,7 @@
 """Detect: frames from every camera -> batched face detection -> per-camera tracking -> quality
-gate -> face crops. Full frames stop here; only crops (the embedder's input) travel on.
+gate -> face crops of the faces to embed (stages.embed_selection: a track's first good crops,
+then one per recheck interval). Full frames stop here; only crops (the embedder's input) travel
+on.
 
 On the CPU (`detect.lanes`, stages.detector_lanes): a lone frame runs on the detector's own
 session with every thread; when frames wait, they are detected side by side, one per lane, and
@@ -21,6 +23,7 @@ from collections import deque
 import numpy as np
 
 from facewatch.stages.detections import Detections
+from facewatch.stages.embed_selection import EmbedSelection
 from facewatch.stages.face_crop import LANDMARK_LAYOUTS, crop_faces
 from facewatch.stages.messages import FaceCrops, Message, VideoFrame
 from facewatch.stages.quality import QualityGate, sharpness
@@ -40,6 +43,8 @@ class DetectStage(BatchingStage):
         self.inflight: deque = deque()   # (frame, received, submitted, future, wide), in order
         self.trackers: dict = {}
         self.gate = QualityGate(self.dcfg.min_face_px, self.dcfg.min_blur)
+        e = ctx.config.embed
+        self.selection = EmbedSelection(e.votes, e.recheck_interval_s, e.first_votes)
         self.epoch = int(time.time() * 1000)   # new per process: tells downstream tracks restarted
         self.counters = None
         self.run_ids: dict[str, dict[int, int]] = {}   # camera -> tracker's id -> run-wide id
@@ -203,14 +208,17 @@ class DetectStage(BatchingStage):
         self.metrics.frames_processed.labels(cam).inc()
         tracks = self.tracker(cam).update(dets, frame.image)
         self.metrics.faces_detected.labels(cam).inc(len(tracks))
+        self.selection.forget(cam, tracks.ended)
         keep = ~self.gate.too_small(tracks.boxes)
         if (~keep).any():
             self.metrics.faces_rejected.labels(cam, "small").inc(int((~keep).sum()))
-        boxes = tracks.boxes[keep]
+        # landmarks, crops and the blur gate only for the faces embed will take (stages.embed_selection)
+        idx = np.flatnonzero(keep & self.selection.wanted(cam, tracks.track_ids, frame.pts))
+        boxes = tracks.boxes[idx]
         if self.landmark_model is not None:   # only the faces cropped, from the box cropped
             landmarks = self.landmark_model.predict(frame.image, boxes)
         else:
-            landmarks = None if tracks.landmarks is None else tracks.landmarks[keep]
+            landmarks = None if tracks.landmarks is None else tracks.landmarks[idx]
         crops, aligned = crop_faces(frame.image, boxes, self.crop_spec, landmarks)
         if self.crop_spec.alignment in LANDMARK_LAYOUTS and not aligned.all():
             self.metrics.alignment_fallbacks.labels(cam).inc(int((~aligned).sum()))
@@ -218,21 +226,23 @@ class DetectStage(BatchingStage):
         sharp = ~self.gate.too_blurred(blur)
         if (~sharp).any():
             self.metrics.faces_rejected.labels(cam, "blur").inc(int((~sharp).sum()))
-        idx = np.flatnonzero(keep)[sharp]
+        idx = idx[sharp]
         if len(idx) == 0 and not tracks.ended:
             return None
+        first = [self.selection.take(cam, tid, frame.pts) for tid in tracks.track_ids[idx].tolist()]
         boxes = tracks.boxes[idx] + np.array([frame.roi_x, frame.roi_y] * 2, np.float32)
         return FaceCrops(camera=cam, frame_index=frame.frame_index, pts=frame.pts,
                          wall_ts=frame.wall_ts, epoch=self.epoch,
                          track_ids=self._run_ids(cam, tracks.track_ids[idx]),
                          boxes=boxes.astype(np.float32),
                          scores=tracks.scores[idx], blur=blur[sharp], crops=crops[sharp],
-                         ended_tracks=self._ended(cam, tracks.ended))
+                         ended_tracks=self._ended(cam, tracks.ended), first_decision=any(first))
 
     def end_of_stream(self, camera: str) -> list[Message]:
         out = self.flush()
         tracker = self.trackers.pop(camera, None)
         ended = tracker.end_all() if tracker is not None else []
+        self.selection.forget_camera(camera)
         if ended:   # every open track of this camera ends with its stream
             out.append(FaceCrops(
                 camera=camera, frame_index=-1, pts=0.0, wall_ts=time.time(), epoch=self.epoch,

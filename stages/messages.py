@@ -112,7 +112,8 @@ class VideoFrame(Message):
 
 @dataclass(kw_only=True)
 class FaceCrops(Message):
-    """detect -> embed: the tracked faces of one frame that passed the quality gate, as crops.
+    """detect -> embed: the tracked faces of one frame to embed (stages.embed_selection) that
+    passed the quality gate, as crops.
 
     Full frames never travel past detect. `ended_tracks` lists tracks of this camera that the
     tracker dropped at this frame (sent even when there are no faces)."""
@@ -131,10 +132,15 @@ class FaceCrops(Message):
     crops: np.ndarray         # (N, S, S, 3) uint8 BGR, from stages.face_crop.crop_faces
     ended_tracks: np.ndarray  # (K,) int64
     stamps: dict = field(default_factory=dict)   # STAMP_ORDER name -> time.time()
+    first_decision: bool = False   # a track's first decision waits for one of these crops:
+                                   # embed runs them at once, without waiting for company
 
     def __post_init__(self) -> None:
         n = len(self.track_ids)
         _check_stamps(self.KIND, self.stamps)
+        if not isinstance(self.first_decision, bool):
+            raise MessageError(f"{self.KIND}.first_decision must be true or false, got "
+                               f"{self.first_decision!r}")
         _check_array(self.KIND, "track_ids", self.track_ids, "int64", (n,))
         _check_array(self.KIND, "boxes", self.boxes, "float32", (n, 4))
         _check_array(self.KIND, "scores", self.scores, "float32", (n,))

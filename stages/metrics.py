@@ -41,7 +41,8 @@ class Metrics:
         self.faces_detected = c("facewatch_faces_detected", "Tracked faces found by the detector",
                                 ["camera"], **kw)
         self.faces_rejected = c("facewatch_faces_rejected", "Tracked faces failing the quality "
-                                "gate", ["camera", "reason"], **kw)
+                                "gate (small: every face; blur: faces chosen to embed)",
+                                ["camera", "reason"], **kw)
         self.alignment_fallbacks = c("facewatch_alignment_fallbacks", "Faces cropped from their box "
                                      "because landmarks were missing or implausible", ["camera"], **kw)
         self.faces_embedded = c("facewatch_faces_embedded", "Face crops embedded", ["camera"], **kw)

@@ -101,13 +101,15 @@ def test_a_finished_frame_wakes_the_receive_wait_and_a_message_still_arrives(tmp
 
 
 def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = False,
-                     poll_every: int = 3, cameras: int = 1) -> tuple[list[FaceCrops], Metrics]:
+                     poll_every: int = 3, cameras: int = 1, every_face: bool = True,
+                     ) -> tuple[list[FaceCrops], Metrics]:
     """The detect stage in this process (no sockets), fed the video's frames as a lossless file
-    camera; what it sends, in order, until it is flushed."""
+    camera; what it sends, in order, until it is flushed. `every_face`: every tracked face is
+    cropped on every frame (embed.recheck_interval_s 0), else the shipped selection."""
     from facewatch.stages import run_state
 
     detector, embedder = models
-    runtime = tmp_path / f"run{lanes}{live}"
+    runtime = tmp_path / f"run{lanes}{live}{every_face}"
     runtime.mkdir()
     run_state.create(runtime)   # as the supervisor does before starting stages
     cfg = parse_config({"cameras": [{"name": f"cam{c}" if c else "cam", "uri": str(video.path),
@@ -115,7 +117,8 @@ def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = F
                         "runtime": {"dir": str(runtime)},
                         "models": {"detector": str(detector), "embedder": str(embedder),
                                    "providers": [CPU]},
-                        "detect": {"lanes": lanes, "batch_max": 4}}, tmp_path)
+                        "detect": {"lanes": lanes, "batch_max": 4},
+                        "embed": {"recheck_interval_s": 0} if every_face else {}}, tmp_path)
     ctx = StageContext(name="detect", kind="detect", config=cfg, transport=Transport(),
                        endpoints=Endpoints.from_config(cfg), metrics=Metrics())
     stage = DetectStage(ctx)
@@ -189,3 +192,31 @@ def test_live_cameras_never_hold_the_loop_on_busy_lanes(tmp_path, models, face_v
     for camera in ("cam", "cam1", "cam2", "cam3"):
         indices = [m.frame_index for m in sent if m.camera == camera]
         assert indices == sorted(set(indices))
+
+
+def test_only_the_faces_to_embed_are_cropped(tmp_path, models, face_video):
+    """With the shipped selection (embed.votes 3, recheck_interval_s 2) a track's first three
+    good crops leave detect, then one per 2 s of media time; the other faces cost detection and
+    tracking only. The first crop of a track is marked for its first decision."""
+    frames = video_frames(face_video, 75)   # 3 s at 25 fps
+    sent, metrics = run_detect_stage(tmp_path, models, face_video, frames, lanes=2,
+                                     every_face=False)
+    every, _ = run_detect_stage(tmp_path, models, face_video, frames, lanes=2)
+    crops_of = lambda msgs: sum(len(m.track_ids) for m in msgs)
+    assert crops_of(every) >= 60, "too few faces tracked: is the model trained?"
+    seen: dict[int, list[float]] = {}
+    for m in sent:
+        firsts = []
+        for tid in m.track_ids.tolist():
+            seen.setdefault(tid, []).append(m.pts)
+            firsts.append(len(seen[tid]) == 1)
+        assert m.first_decision == any(firsts)
+    assert seen
+    for tid, times in seen.items():
+        later = times[3:]
+        assert all(b - a >= 2.0 for a, b in zip(times[2:], later)), (tid, times)
+        assert len(later) <= 1, (tid, times)   # 3 s of video: at most one recheck
+    assert crops_of(sent) <= crops_of(every) / 4
+    detected = sum(s.value for fam in metrics.faces_detected.collect() for s in fam.samples
+                   if s.name.endswith("_total"))
+    assert detected >= crops_of(every)

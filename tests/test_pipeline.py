@@ -594,3 +594,25 @@ def test_enrollment_is_picked_up_without_restart(models, knn_dir, face_video, sh
              "a recognition after enrolling, without a restart")
     assert daemon.stage("match")["restarts"] == 0
     assert daemon.stop(10) == 0
+
+
+def test_embed_selection_takes_a_tracks_first_votes_then_one_per_recheck_interval():
+    from facewatch.stages.embed_selection import EmbedSelection
+
+    sel = EmbedSelection(votes=3, recheck_interval_s=2.0, first_votes=1)
+    ids = np.array([7, 8], np.int64)
+    firsts, taken = [], {7: [], 8: []}
+    for frame in range(100):   # 4 s at 25 fps; track 8 blurred (never taken) on odd frames
+        pts = frame / 25
+        wanted = sel.wanted("cam", ids, pts)
+        for tid, want in zip(ids.tolist(), wanted.tolist()):
+            if want and not (tid == 8 and frame % 2):
+                firsts.append(sel.take("cam", tid, pts))
+                taken[tid].append(frame)
+    assert taken[7] == [0, 1, 2, 52] and taken[8] == [0, 2, 4, 54]
+    assert firsts.count(True) == 2   # the first crop of each track
+    assert sel.wanted("other", ids, 0.0).all()    # cameras are apart
+    sel.forget("cam", [7])
+    assert sel.wanted("cam", ids, 4.0).tolist() == [True, False]
+    sel.forget_camera("cam")
+    assert len(sel) == 0
