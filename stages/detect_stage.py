@@ -87,6 +87,12 @@ class DetectStage(BatchingStage):
     def on_lost(self, msg: Message, count: int) -> None:
         self.metrics.frames_dropped.labels(msg.camera, "lost").inc(count)
 
+    def on_not_sent(self, msg: Message) -> None:
+        """Embed never got these crops (it is down or stuck): the camera's tracks were counted
+        as embedded, so let every one of them want crops again, as a fresh embed would."""
+        if isinstance(msg, FaceCrops):
+            self.selection.forget_camera(msg.camera)
+
     def tracker(self, camera: str):
         if camera not in self.trackers:
             from facewatch.stages.tracking import CameraTracker

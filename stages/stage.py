@@ -144,6 +144,10 @@ class Stage:
         """`count` messages from msg's sender never arrived before `msg` (already counted in
         messages_lost); e.g. detect counts them as dropped frames of that camera."""
 
+    def on_not_sent(self, msg: Message) -> None:
+        """`msg` could not be handed downstream (already counted in messages_lost); e.g.
+        detect lets its tracks want crops again."""
+
     # --- the shared loop ----------------------------------------------------------------
     def open_sockets(self) -> tuple[Receiver | None, Sender | None]:
         ep = self.ctx.endpoints
@@ -170,6 +174,7 @@ class Stage:
             if not ok:
                 blocked = True
                 self.metrics.messages_lost.labels(self.kind).inc()
+                self.on_not_sent(msg)
 
     def control(self, type_: str, **fields) -> None:
         if self.ctx.control is not None:

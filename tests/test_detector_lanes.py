@@ -102,10 +102,11 @@ def test_a_finished_frame_wakes_the_receive_wait_and_a_message_still_arrives(tmp
 
 def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = False,
                      poll_every: int = 3, cameras: int = 1, every_face: bool = True,
-                     ) -> tuple[list[FaceCrops], Metrics]:
+                     inspect=None) -> tuple[list[FaceCrops], Metrics]:
     """The detect stage in this process (no sockets), fed the video's frames as a lossless file
     camera; what it sends, in order, until it is flushed. `every_face`: every tracked face is
-    cropped on every frame (embed.recheck_interval_s 0), else the shipped selection."""
+    cropped on every frame (embed.recheck_interval_s 0), else the shipped selection.
+    `inspect(stage, sent)` runs once the frames are in, before the stage is torn down."""
     from facewatch.stages import run_state
 
     detector, embedder = models
@@ -137,6 +138,8 @@ def run_detect_stage(tmp_path, models, video, frames, lanes: int, live: bool = F
                 out += stage.poll(float("inf"))   # as the loop does between messages
         out += stage.flush()
         assert not stage.pending and not stage.inflight
+        if inspect is not None:
+            inspect(stage, out)
         return out, ctx.metrics
     finally:
         stage.teardown()
@@ -220,3 +223,36 @@ def test_only_the_faces_to_embed_are_cropped(tmp_path, models, face_video):
     detected = sum(s.value for fam in metrics.faces_detected.collect() for s in fam.samples
                    if s.name.endswith("_total"))
     assert detected >= crops_of(every)
+
+
+def test_crops_that_never_reach_embed_are_wanted_again(tmp_path, models, face_video):
+    """Embed down: a FaceCrops that cannot be handed on (no peer on the socket, the send
+    timeout) makes every track of its camera want crops again, as a fresh embed would, instead
+    of waiting for the next recheck with crops counted that nobody embedded."""
+    import zmq
+    from facewatch.stages.transport import Sender
+
+    seen = {}
+
+    def embed_down(stage, sent):
+        tracked = len(stage.selection)
+        last = sent[-1]
+        ids = np.array(sorted(stage.run_ids["cam"]), np.int64)   # the tracker's ids
+        seen["before"] = stage.selection.wanted("cam", ids, last.pts).tolist()
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.bind(f"ipc://{tmp_path}/nobody")
+        try:
+            stage.send_all(Sender(sock, "detect", "nobody"), [sent[0]])
+        finally:
+            sock.close(linger=0)
+        seen.update(tracked=tracked, after=len(stage.selection),
+                    wanted=stage.selection.wanted("cam", ids, last.pts).tolist())
+
+    frames = video_frames(face_video, 20)
+    _, metrics = run_detect_stage(tmp_path, models, face_video, frames, lanes=2,
+                                  every_face=False, inspect=embed_down)
+    assert seen["tracked"] >= 1 and not all(seen["before"]), seen
+    assert seen["after"] == 0 and all(seen["wanted"]), seen
+    lost = sum(s.value for fam in metrics.messages_lost.collect() for s in fam.samples
+               if s.name.endswith("_total"))
+    assert lost == 1
