@@ -231,13 +231,17 @@ def test_sface_teacher_run_with_a_folder_of_unlabelled_faces(runs, tmp_path):
         shutil.copy(src, folder / src.name)
     run_dir = train("--loss", "arcface", "--out", "run-sface", "--embedding-size", "128",
                     "--teacher", "sface", "--alignment", "arcface_five_point", "--landmarks", "yunet",
-                    "--unlabelled-folder", str(folder))
+                    "--unlabelled-folder", str(folder), "--consistent-share", "0.5")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["data"]["teacher"].startswith("face_recognition_sface_2021dec")
     unlabelled = summary["data"]["unlabelled"]
     assert unlabelled["faces"] == unlabelled["folders"][str(folder)]["faces"] == 8
-    assert summary["loss"] == "arcface + sface distillation"
+    assert summary["loss"] == ("arcface + sface distillation, 50% of each batch taught on its "
+                               "augmented crop")
     assert np.isfinite(summary["history"][0]["loss"])
     with pytest.raises(ValueError, match="--alignment arcface_five_point"):
         train("--out", "refused", "--embedding-size", "128", "--teacher", "sface",
               "--unlabelled-folder", str(folder))
+    with pytest.raises(ValueError, match="--consistent-share needs --teacher sface"):
+        train("--out", "refused", "--embedding-size", "128", "--teacher", "dlib",
+              "--consistent-share", "0.5")

@@ -163,3 +163,45 @@ def test_train_embedder_refuses_points_in_the_wrong_layout():
         _check_landmarks(argparse.Namespace(alignment="arcface_five_point", landmarks="dlib"))
     with pytest.raises(ValueError, match="needs --landmarks dlib or detector"):
         _check_landmarks(argparse.Namespace(alignment="five_point", landmarks="yunet"))
+
+
+def test_consistent_teaching_targets_the_crops_the_student_sees(teacher, lfw):
+    """`--consistent-share`: the refreshed rows hold SFace's vector of exactly the augmented input
+    the student gets (centred like the cache), the other rows keep their cached target."""
+    from facewatch.training.consistent_teacher import ConsistentTeacher
+    from facewatch.training.embedder_data import batch_inputs_and_targets
+    from facewatch.training.sface_teacher import SFaceEmbedder
+    from facewatch.training.teacher_cache import centred
+
+    photos = sorted(lfw.glob("A*/*_0001.jpg"))[:8]
+    crops = []
+    for path in photos:
+        image = cv2.imread(str(path))
+        _, points, _ = teacher.central_face(image)
+        crops.append(cv2.resize(teacher.crops(image, points[None])[0], (96, 96),
+                                interpolation=cv2.INTER_AREA))
+    crops = np.stack(crops)
+    sface = SFaceEmbedder()
+    clean = sface.embed(crops)
+    mean = clean.mean(axis=0)
+    cached = centred(clean, mean)
+    rows, labels = np.arange(len(crops)), np.full(len(crops), -1, np.int32)
+    consistent = ConsistentTeacher(mean, share=0.5, embedder=sface)
+
+    x, (_, targets) = batch_inputs_and_targets(crops, labels, rows, np.random.default_rng(3),
+                                               True, cached, consistent)
+    changed = np.flatnonzero(np.abs(targets - cached).max(axis=1) > 1e-6)
+    assert len(changed) == 4
+    kept = np.setdiff1d(rows, changed)
+    np.testing.assert_array_equal(targets[kept], cached[kept])
+    seen = np.clip(x[changed][..., ::-1], 0, 255).astype(np.uint8)   # the student's RGB back to BGR
+    np.testing.assert_allclose(targets[changed], centred(sface.embed(seen), mean), atol=1e-5)
+    # Still each face's own vector: nearer its clean target than any other face's.
+    similarity = targets[changed] @ cached.T
+    assert (similarity.argmax(axis=1) == changed).all(), similarity
+    # Without augmentation nothing is refreshed: the crop is the clean one the cache describes.
+    _, (_, plain) = batch_inputs_and_targets(crops, labels, rows, np.random.default_rng(3),
+                                             False, cached, consistent)
+    np.testing.assert_array_equal(plain, cached)
+    with pytest.raises(ValueError, match="share must be in"):
+        ConsistentTeacher(mean, share=0.0, embedder=sface)

@@ -302,7 +302,11 @@ def to_model_input(crops_bgr: np.ndarray) -> np.ndarray:
 
 
 def augment_batch(crops_bgr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return to_model_input(np.stack([augment_crop(c, rng) for c in crops_bgr]))
+    return to_model_input(augmented_bgr(crops_bgr, rng))
+
+
+def augmented_bgr(crops_bgr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.stack([augment_crop(c, rng) for c in crops_bgr])
 
 
 # ---------------------------------------------------------------------------- batches
@@ -311,6 +315,18 @@ def with_teacher(labels: np.ndarray, teacher: np.ndarray | None, rows: np.ndarra
     (A mirrored crop keeps its teacher vector: dlib's embedding barely moves under a flip.)"""
     labels = labels.astype(np.int32)
     return labels if teacher is None else (labels, teacher[rows].astype(np.float32))
+
+
+def batch_inputs_and_targets(crops: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                             rng: np.random.Generator, augment: bool, teacher: np.ndarray | None,
+                             consistent=None):
+    """Model input and targets of one batch. With a `training.consistent_teacher.ConsistentTeacher`
+    part of the cached teacher vectors are replaced by the teacher's vectors of the augmented crops."""
+    bgr = augmented_bgr(crops, rng) if augment else crops.astype(np.float32)
+    targets = with_teacher(labels[rows], teacher, rows)
+    if consistent is not None and teacher is not None and augment:
+        targets = (targets[0], consistent.refresh(targets[1], bgr, rng))
+    return to_model_input(bgr), targets
 
 class ShuffledBatches(keras.utils.PyDataset):
     """All training images in a fresh random order each epoch (ArcFace).
@@ -322,12 +338,12 @@ class ShuffledBatches(keras.utils.PyDataset):
 
     def __init__(self, crops: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
                  augment: bool = True, teacher: np.ndarray | None = None,
-                 max_unlabelled_share: float | None = None, **kwargs):
+                 max_unlabelled_share: float | None = None, consistent=None, **kwargs):
         super().__init__(**kwargs)
         if max_unlabelled_share is not None and not 0.0 <= max_unlabelled_share < 1.0:
             raise ValueError(f"max_unlabelled_share must be in [0, 1), got {max_unlabelled_share}")
         self.crops, self.labels, self.batch_size, self.augment = crops, labels, batch_size, augment
-        self.teacher = teacher
+        self.teacher, self.consistent = teacher, consistent
         self.rng = np.random.default_rng(seed)
         self.labelled = np.flatnonzero(labels >= 0)
         self.unlabelled = np.flatnonzero(labels < 0)
@@ -349,10 +365,9 @@ class ShuffledBatches(keras.utils.PyDataset):
 
     def __getitem__(self, index: int):
         rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        crops = self.crops[rows]
         rng = np.random.default_rng((int(self.rng.integers(1 << 31)), index))
-        x = augment_batch(crops, rng) if self.augment else to_model_input(crops)
-        return x, with_teacher(self.labels[rows], self.teacher, rows)
+        return batch_inputs_and_targets(self.crops[rows], self.labels, rows, rng, self.augment,
+                                        self.teacher, self.consistent)
 
     def on_epoch_end(self) -> None:
         self.order = self._epoch_order()
@@ -366,9 +381,9 @@ class IdentityBatches(keras.utils.PyDataset):
 
     def __init__(self, crops: np.ndarray, labels: np.ndarray, batch_size: int,
                  per_identity: int = 4, seed: int = 0, augment: bool = True,
-                 teacher: np.ndarray | None = None, **kwargs):
+                 teacher: np.ndarray | None = None, consistent=None, **kwargs):
         super().__init__(**kwargs)
-        self.teacher = teacher
+        self.teacher, self.consistent = teacher, consistent
         if batch_size % per_identity:
             raise ValueError(f"batch size {batch_size} must be a multiple of images per identity "
                              f"{per_identity}")
@@ -395,7 +410,6 @@ class IdentityBatches(keras.utils.PyDataset):
         chosen = rng.choice(len(self.groups), self.p, replace=False, p=weights / weights.sum())
         rows = np.concatenate([rng.choice(self.groups[g], self.k, replace=len(self.groups[g]) < self.k)
                                for g in chosen])
-        crops = self.crops[rows]
-        x = augment_batch(crops, rng) if self.augment else to_model_input(crops)
-        return x, with_teacher(self.labels[rows], self.teacher, rows)
+        return batch_inputs_and_targets(self.crops[rows], self.labels, rows, rng, self.augment,
+                                        self.teacher, self.consistent)
 
