@@ -208,6 +208,7 @@ def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[
                    if t0 <= offline.appearance_pts(k, j) + c <= t1 - tail]
     delays, waits, processing = [], [], []
     to_crop, voting, steps, votes = [], [], {}, []
+    per_face: dict[int, list[float]] = {}
     for k, j in appearances:
         e = first.get((k, j))
         if e is None:
@@ -215,6 +216,7 @@ def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[
         wait = e["frame_pts"] - offline.appearance_pts(k, j)
         proc = e["ts"] - e["capture_ts"]
         delays.append(wait + proc)
+        per_face.setdefault(j, []).append(wait + proc)
         waits.append(wait)
         processing.append(proc)
         votes.append(e.get("votes"))
@@ -244,6 +246,26 @@ def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[
         "events_not_attributed": unmatched,
         "pacing_spread_s": rnd(max(offsets) - min(offsets), 3),
         "loop_period_s": rnd(offline.period, 3),
+        # for `paired_first_events`: each face of the clip's median delay over the window's loops
+        "_per_face_s": {j: float(np.median(v)) for j, v in per_face.items()},
+    }
+
+
+def paired_first_events(daemon: dict, naive: dict) -> dict:
+    """The first-event delay on the faces both decided, face by face. Each side's p50 is over
+    its own decided appearances, and the one that decides more small, late faces is charged for
+    them there; here each face of the clip counts once, with its median delay over the loops."""
+    mine, theirs = daemon.pop("_per_face_s", {}), naive.pop("_per_face_s", {})
+    both = sorted(set(mine) & set(theirs))
+    diffs = [mine[j] - theirs[j] for j in both]
+    return {
+        "faces": len(both),
+        "only_daemon": len(set(mine) - set(theirs)),
+        "only_naive": len(set(theirs) - set(mine)),
+        "daemon_p50_s": rnd(median([mine[j] for j in both]), 3) if both else None,
+        "naive_p50_s": rnd(median([theirs[j] for j in both]), 3) if both else None,
+        "daemon_minus_naive_p50_s": rnd(median(diffs), 3) if both else None,
+        "daemon_no_later": rnd(sum(d <= 0 for d in diffs) / len(diffs), 3) if both else None,
     }
 
 
@@ -265,6 +287,7 @@ def realtime_mode(args, video: Path, detector: Path, embedder: Path, gallery_db:
     base = naive.run_realtime(clip, args.realtime_seconds, args.warmup)
     base_first = first_event_delays(offline, base.pop("events"), tuple(base["window_wall"]),
                                     args.within)
+    paired = paired_first_events(first, base_first)
     p50 = (first.get("first_event_delay_s") or {}).get("p50")
     base_p50 = (base_first.get("first_event_delay_s") or {}).get("p50")
     return {
@@ -279,6 +302,7 @@ def realtime_mode(args, video: Path, detector: Path, embedder: Path, gallery_db:
                   "dropped_fraction": base["dropped_fraction"], "first_event": base_first},
         "ratio_fps_processed_daemon_over_naive": ratio(result["fps"], base["fps_processed"]),
         "ratio_first_event_p50_daemon_over_naive": ratio(p50, base_p50),
+        "first_event_paired": paired,
         "daemon": result,
     }
 
