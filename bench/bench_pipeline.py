@@ -26,6 +26,8 @@ and box (IoU). Delay of an appearance = event.ts - capture wall time of the appe
 Baseline, run right after over a window of the same length: the naive loop fed the same clip
 in real time (it always takes the newest frame; its "event" for a face is the first frame on
 which it tracked, embedded and matched it, with no voting; bench.naive_loop.run_realtime).
+`first_event_paired` compares the two on the faces both decided, face by face (each face's
+median over the loops), since each side's p50 is over its own decided appearances.
 """
 from __future__ import annotations
 
