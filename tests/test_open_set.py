@@ -108,3 +108,16 @@ def test_strangers_in_the_shared_clip_are_not_named(models, knn_dir, data_dir, s
     # and at a loose threshold (FAR 5% per pair, where a best pair-accuracy threshold lies)
     # some of these strangers would have been named
     assert any(e["similarity"] >= table.threshold_at(0.05)[0] for e in decisions), decisions
+
+
+def test_tar_at_the_far_table_threshold():
+    """evaluate-embedder's steadier TAR: same-person pairs at or above the table's threshold."""
+    from facewatch.training.evaluate_embedder import tar_at_table_far
+
+    impostors = np.linspace(-0.5, 0.5, 100_000)          # 100 of them above ~0.499
+    table = FarTable.from_scores(impostors, images=400)
+    threshold = table.threshold[table.far.index(1e-3)]
+    assert 0.498 < threshold < 0.5
+    genuine = np.array([0.9, 0.7, 0.5, 0.49, 0.2])
+    assert tar_at_table_far(genuine, table, 1e-3) == pytest.approx(3 / 5)
+    assert tar_at_table_far(genuine, table, 1e-9) is None   # not a FAR the table holds
