@@ -194,7 +194,7 @@ def test_consistent_teaching_targets_the_crops_the_student_sees(teacher, lfw):
     assert len(changed) == 4
     kept = np.setdiff1d(rows, changed)
     np.testing.assert_array_equal(targets[kept], cached[kept])
-    seen = np.clip(x[changed][..., ::-1], 0, 255).astype(np.uint8)   # the student's RGB back to BGR
+    seen = np.ascontiguousarray(x[changed][..., ::-1])   # the student's RGB input back to BGR
     np.testing.assert_allclose(targets[changed], centred(sface.embed(seen), mean), atol=1e-5)
     # Still each face's own vector: nearer its clean target than any other face's.
     similarity = targets[changed] @ cached.T

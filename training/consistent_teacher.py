@@ -40,7 +40,6 @@ class ConsistentTeacher:
         teacher's vectors of the matching (B, H, W, 3) BGR float 0..255 augmented crops."""
         count = min(len(targets), max(1, int(round(self.share * len(targets)))))
         rows = rng.choice(len(targets), count, replace=False)
-        crops = np.clip(augmented_bgr[rows], 0.0, 255.0).astype(np.uint8)
-        fresh = targets.astype(np.float32, copy=True)
-        fresh[rows] = centred(self.embedder.embed(crops), self.mean)
+        fresh = targets.astype(np.float32, copy=True)   # the float crops, exactly as the student gets them
+        fresh[rows] = centred(self.embedder.embed(augmented_bgr[rows]), self.mean)
         return fresh
