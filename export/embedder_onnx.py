@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ONNX file to write (default: models/face_embedder.onnx)")
     parser.add_argument("--summary", type=Path, default=None,
                         help="training summary.json (default: beside --model, if present)")
+    parser.add_argument("--val-of", choices=["best", "last"], default="best",
+                        help="whose validation figures go into the metadata: the run's best "
+                             "epoch (best.keras, the default) or its last one (embedder.keras)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="override the suggested cosine-similarity threshold")
     parser.add_argument("--max-abs-diff", type=float, default=MAX_ABS_DIFF,
@@ -56,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.summary and not summary:
         raise FileNotFoundError(f"summary file not found: {args.summary}")
+    if summary:
+        summary = {**summary, "val": validation_of(summary, args.val_of)}
     if not args.no_open_set and summary.get("crop_alignment"):
         # The FAR-table step aligns with a landmark model: refuse a missing one or one of the
         # other layout now, before --out (often the shipped file) is replaced.
@@ -78,6 +83,24 @@ def run(args: argparse.Namespace) -> int:
             report["impostor_far_table"] = json.loads(table.to_json())
     print(json.dumps(report))
     return 0
+
+
+def validation_of(summary: dict, which: str) -> dict:
+    """The validation figures of the run's best or last epoch. Summaries written before
+    `last_val` existed give the last epoch's figures from their history (without the FAR 1e-3
+    threshold, which then comes from --threshold or the measured FAR table)."""
+    if which == "best":
+        return summary.get("val") or {}
+    if summary.get("last_val"):
+        return summary["last_val"]
+    validated = [r for r in summary.get("history", []) if "val_accuracy" in r]
+    if not validated:
+        raise ValueError("the summary has no validated epoch: train with --eval-every, or "
+                         "export with --val-of best")
+    r = validated[-1]
+    return {"accuracy": r["val_accuracy"], "auc": r["val_auc"],
+            "tar_at_far_1e-3": r["val_tar_at_far_1e3"], "threshold": r["val_threshold"],
+            "epoch": r["epoch"], "pairs": summary.get("val", {}).get("pairs")}
 
 
 def landmark_file(landmarks: Path | None) -> Path:
@@ -177,7 +200,7 @@ def build_metadata(model, summary: dict, threshold: float | None) -> dict[str, s
         "loss": summary.get("loss", "unknown"),
         "training_data": json.dumps(summary.get("data", {})),
         "metrics": json.dumps({k: val[k] for k in ("accuracy", "auc", "tar_at_far_1e-3", "threshold",
-                                                   "threshold_at_far_1e-3", "pairs") if k in val}),
+                                                   "threshold_at_far_1e-3", "pairs", "epoch") if k in val}),
     }
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 

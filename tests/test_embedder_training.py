@@ -137,7 +137,18 @@ def test_resume_continues_from_the_checkpoint(runs):
     state = json.loads((run_dir / "state.json").read_text())
     assert state["epoch"] == 2 and state["step"] == 4
     assert [h["epoch"] for h in state["history"]] == [1, 2]
-    assert json.loads((run_dir / "summary.json").read_text())["loss"] == "arcface"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["loss"] == "arcface"
+    # embedder.keras is epoch 2 whichever epoch was best: --val-of last describes it, also for a
+    # summary written before `last_val` existed (read from its history)
+    from facewatch.export.embedder_onnx import validation_of
+
+    last = validation_of(summary, "last")
+    assert last["epoch"] == 2 and last["accuracy"] == state["history"][1]["val_accuracy"]
+    assert "threshold_at_far_1e-3" in last
+    legacy = validation_of({k: v for k, v in summary.items() if k != "last_val"}, "last")
+    assert legacy["epoch"] == 2 and legacy["auc"] == last["auc"]
+    assert validation_of(summary, "best") == summary["val"]
 
 
 @needs_lfw

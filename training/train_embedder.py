@@ -673,6 +673,7 @@ def train(args: argparse.Namespace) -> Path:
             record.update(val_accuracy=metrics["accuracy"], val_auc=metrics["auc"],
                           val_tar_at_far_1e3=metrics["tar_at_far_1e-3"],
                           val_threshold=metrics["threshold"])
+            state["last_metrics"] = {**metrics, "epoch": state["epoch"]}
             if metrics["accuracy"] > state["best_accuracy"]:
                 state["best_accuracy"], state["best_epoch"] = metrics["accuracy"], state["epoch"]
                 state["best_metrics"] = metrics
@@ -697,7 +698,8 @@ def train(args: argparse.Namespace) -> Path:
     _write_summary(args, state, data, run_dir, trainer)
     print(f"run: {run_dir}  best val accuracy {state['best_accuracy']:.4f} at epoch "
           f"{state['best_epoch']}; export with: facewatch export-embedder --model "
-          f"{run_dir / 'best.keras'} --out models/face_embedder.onnx", flush=True)
+          f"{run_dir / 'best.keras'} --out models/face_embedder.onnx (the last epoch: --model "
+          f"{run_dir / 'embedder.keras'} --val-of last)", flush=True)
     return run_dir
 
 
@@ -780,6 +782,8 @@ def _write_summary(args, state: dict, data: dict, run_dir: Path, trainer) -> Non
         "threshold_kind": "cosine similarity; same person when >= threshold",
         "best_epoch": state["best_epoch"],
         "val": best,
+        # embedder.keras is the last epoch: export-embedder --val-of last reads this one
+        "last_val": state.get("last_metrics") or {},
         "data": {"train": "LFW deep-funneled, people-disjoint split (training/splits/lfw_split.json)",
                  **data["split"]},
         "epochs_done": state["epoch"],
