@@ -186,14 +186,16 @@ class OfflineFaces:
 
 
 def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[float, float],
-                       within: list[float]) -> dict:
+                       within: list[float]) -> tuple[dict, dict[int, float]]:
     """Per face appearance (loop, face) whose appearance lies in the window (leaving max(within)
-    seconds at its end for the event to come): the delay to its first event."""
+    seconds at its end for the event to come): the delay to its first event. Returns the
+    summary and, for `paired_first_events`, each face of the clip's median delay over the
+    window's loops."""
     t0, t1 = window
     decisions = sorted((e for e in events if e["type"] in DECISION_TYPES and e["ts"] <= t1),
                        key=lambda e: e["ts"])
     if not decisions:
-        return {"appearances": 0, "decided": 0, "note": "no decisions in the window"}
+        return {"appearances": 0, "decided": 0, "note": "no decisions in the window"}, {}
     offsets = [e["capture_ts"] - e["frame_pts"] for e in decisions]
     c = float(np.median(offsets))    # wall = pts + c for a file played in real time
     tail = max(within)
@@ -228,7 +230,7 @@ def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[
         for name, ms in (e.get("timing_ms") or {}).items():
             steps.setdefault(name, []).append(ms)
     n = len(appearances)
-    return {
+    result = {
         "appearances": n,
         "faces_per_loop": len(offline.first),
         "decided": len(delays),
@@ -248,16 +250,15 @@ def first_event_delays(offline: OfflineFaces, events: list[dict], window: tuple[
         "events_not_attributed": unmatched,
         "pacing_spread_s": rnd(max(offsets) - min(offsets), 3),
         "loop_period_s": rnd(offline.period, 3),
-        # for `paired_first_events`: each face of the clip's median delay over the window's loops
-        "_per_face_s": {j: float(np.median(v)) for j, v in per_face.items()},
     }
+    return result, {j: float(np.median(v)) for j, v in per_face.items()}
 
 
-def paired_first_events(daemon: dict, naive: dict) -> dict:
+def paired_first_events(mine: dict[int, float], theirs: dict[int, float]) -> dict:
     """The first-event delay on the faces both decided, face by face. Each side's p50 is over
     its own decided appearances, and the one that decides more small, late faces is charged for
-    them there; here each face of the clip counts once, with its median delay over the loops."""
-    mine, theirs = daemon.pop("_per_face_s", {}), naive.pop("_per_face_s", {})
+    them there; here each face of the clip counts once, with its median delay over the loops
+    (`mine`: the daemon's, `theirs`: the naive loop's, face -> seconds)."""
     both = sorted(set(mine) & set(theirs))
     diffs = [mine[j] - theirs[j] for j in both]
     return {
@@ -283,13 +284,14 @@ def realtime_mode(args, video: Path, detector: Path, embedder: Path, gallery_db:
     result = run_daemon_window(camera, args, detector, embedder, gallery_db, args.warmup,
                                args.realtime_seconds, keep_events=True)
     events = result.pop("_events")
-    first = first_event_delays(offline, events, tuple(result["window_wall"]), args.within)
+    first, first_faces = first_event_delays(offline, events, tuple(result["window_wall"]),
+                                            args.within)
     log(f"real-time mode: naive loop at {fps:g} fps, {args.warmup:.0f} s warm-up + "
         f"{args.realtime_seconds:.0f} s")
     base = naive.run_realtime(clip, args.realtime_seconds, args.warmup)
-    base_first = first_event_delays(offline, base.pop("events"), tuple(base["window_wall"]),
-                                    args.within)
-    paired = paired_first_events(first, base_first)
+    base_first, base_faces = first_event_delays(offline, base.pop("events"),
+                                                tuple(base["window_wall"]), args.within)
+    paired = paired_first_events(first_faces, base_faces)
     p50 = (first.get("first_event_delay_s") or {}).get("p50")
     base_p50 = (base_first.get("first_event_delay_s") or {}).get("p50")
     return {
