@@ -86,21 +86,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def validation_of(summary: dict, which: str) -> dict:
-    """The validation figures of the run's best or last epoch. Summaries written before
-    `last_val` existed give the last epoch's figures from their history (without the FAR 1e-3
-    threshold, which then comes from --threshold or the measured FAR table)."""
-    if which == "best":
-        return summary.get("val") or {}
-    if summary.get("last_val"):
-        return summary["last_val"]
-    validated = [r for r in summary.get("history", []) if "val_accuracy" in r]
+    """The validation figures of the run's best or last epoch. Summaries that lack them whole
+    (written before `last_val` existed, or by a resumed run that had lost its best's figures)
+    give them from their history, without the FAR 1e-3 threshold, which then comes from
+    --threshold or the measured FAR table."""
+    from facewatch.training.verification_metrics import from_history
+
+    whole = summary.get("val" if which == "best" else "last_val")
+    if whole:
+        return whole
+    validated = [r for r in summary.get("history", []) if "val_accuracy" in r
+                 and (which == "last" or r["epoch"] == summary.get("best_epoch"))]
     if not validated:
-        raise ValueError("the summary has no validated epoch: train with --eval-every, or "
-                         "export with --val-of best")
-    r = validated[-1]
-    return {"accuracy": r["val_accuracy"], "auc": r["val_auc"],
-            "tar_at_far_1e-3": r["val_tar_at_far_1e3"], "threshold": r["val_threshold"],
-            "epoch": r["epoch"], "pairs": summary.get("val", {}).get("pairs")}
+        raise ValueError(f"the summary has no validation figures for its {which} epoch")
+    return from_history(validated[-1], summary.get("data", {}).get("val_pairs"))
 
 
 def landmark_file(landmarks: Path | None) -> Path:

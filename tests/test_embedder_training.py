@@ -148,7 +148,11 @@ def test_resume_continues_from_the_checkpoint(runs):
     assert "threshold_at_far_1e-3" in last
     legacy = validation_of({k: v for k, v in summary.items() if k != "last_val"}, "last")
     assert legacy["epoch"] == 2 and legacy["auc"] == last["auc"]
+    assert summary["val"]["pairs"] == 100   # the best epoch's figures survive the resume
     assert validation_of(summary, "best") == summary["val"]
+    lost = {**summary, "val": {}}   # a resumed run's summary that had lost its best's figures
+    assert validation_of(lost, "best")["epoch"] == summary["best_epoch"]
+    assert validation_of(lost, "best")["pairs"] == summary["data"]["val_pairs"] == 100
 
 
 @needs_lfw

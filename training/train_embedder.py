@@ -38,6 +38,7 @@ from facewatch.training.embedder_model import BACKBONES
 from facewatch.training.dlib_teacher import TEACHER_DIM
 from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir, list_people, load_split, read_pairs
 from facewatch.training.paths import runs_dir
+from facewatch.training.verification_metrics import HISTORY_NAMES, from_history
 
 log = logging.getLogger("facewatch.train_embedder")
 
@@ -616,6 +617,7 @@ def train(args: argparse.Namespace) -> Path:
         _restore_args(args, saved)
         state.update({k: saved[k] for k in ("epoch", "step", "elapsed_s", "history",
                                              "best_accuracy", "best_epoch")})
+        state.update({k: saved[k] for k in ("best_metrics", "last_metrics") if k in saved})
         state["args"] = {**_jsonable(args)}
     elif state_file.is_file():
         raise ValueError(f"run {run_dir} already exists: pass --resume to continue it or "
@@ -670,9 +672,7 @@ def train(args: argparse.Namespace) -> Path:
                   "lr": float(state.get("lr", args.lr)), "train_s": round(time.monotonic() - t0, 1)}
         if state["epoch"] % args.eval_every == 0 or last:
             metrics = _validate(trainer.embedder, data)
-            record.update(val_accuracy=metrics["accuracy"], val_auc=metrics["auc"],
-                          val_tar_at_far_1e3=metrics["tar_at_far_1e-3"],
-                          val_threshold=metrics["threshold"])
+            record.update({key: metrics[name] for name, key in HISTORY_NAMES.items()})
             state["last_metrics"] = {**metrics, "epoch": state["epoch"]}
             if metrics["accuracy"] > state["best_accuracy"]:
                 state["best_accuracy"], state["best_epoch"] = metrics["accuracy"], state["epoch"]
@@ -761,8 +761,16 @@ def _load_weights_only(trainer, path: Path) -> None:
             v.assign(np.asarray(saved[v.path], dtype=v.dtype))
 
 
+def _history_metrics(state: dict, epoch: int | None, data: dict) -> dict:
+    """The figures of a validated epoch (None: the last one) from the history, for a state
+    resumed from a checkpoint written before it kept them whole; {} when there is none."""
+    validated = [r for r in state["history"] if "val_accuracy" in r
+                 and (epoch is None or r["epoch"] == epoch)]
+    return from_history(validated[-1], data["split"]["val_pairs"]) if validated else {}
+
+
 def _write_summary(args, state: dict, data: dict, run_dir: Path, trainer) -> None:
-    best = state.get("best_metrics") or {}
+    best = state.get("best_metrics") or _history_metrics(state, state["best_epoch"], data)
     summary = {
         "model": "best.keras",
         "backbone": args.backbone,
@@ -783,7 +791,7 @@ def _write_summary(args, state: dict, data: dict, run_dir: Path, trainer) -> Non
         "best_epoch": state["best_epoch"],
         "val": best,
         # embedder.keras is the last epoch: export-embedder --val-of last reads this one
-        "last_val": state.get("last_metrics") or {},
+        "last_val": state.get("last_metrics") or _history_metrics(state, None, data),
         "data": {"train": "LFW deep-funneled, people-disjoint split (training/splits/lfw_split.json)",
                  **data["split"]},
         "epochs_done": state["epoch"],

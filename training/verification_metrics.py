@@ -126,3 +126,15 @@ def save_roc_png(scores, labels, path, title: str = "ROC") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# verification_report's names -> the names a training run's per-epoch history keeps them under
+HISTORY_NAMES = {"accuracy": "val_accuracy", "auc": "val_auc", "tar_at_far_1e-3": "val_tar_at_far_1e3",
+                 "threshold": "val_threshold"}
+
+
+def from_history(record: dict, pairs: int | None = None) -> dict:
+    """One validated epoch of a run's history as verification_report's figures (the history
+    keeps no FAR 1e-3 threshold), with its epoch and the number of pairs."""
+    return {**{name: record[key] for name, key in HISTORY_NAMES.items()},
+            "epoch": record["epoch"], "pairs": pairs}
