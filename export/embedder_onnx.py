@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="whose validation figures go into the metadata: the run's best "
                              "epoch (best.keras, the default) or its last one (embedder.keras)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="override the suggested cosine-similarity threshold")
+                        help="the metadata's cosine-similarity threshold (default: the FAR 1e-3 "
+                             "point of the impostor table the export measures; with "
+                             "--no-open-set, the training validation's)")
     parser.add_argument("--max-abs-diff", type=float, default=MAX_ABS_DIFF,
                         help="refuse the export when ONNX and Keras differ by more than this")
     parser.add_argument("--no-open-set", action="store_true",
@@ -81,8 +83,24 @@ def run(args: argparse.Namespace) -> int:
         table = measure_open_set(args.out, args.landmarks)
         if table is not None:
             report["impostor_far_table"] = json.loads(table.to_json())
+            if args.threshold is None:
+                report["threshold"] = adopt_table_threshold(args.out, table)
     print(json.dumps(report))
     return 0
+
+
+def adopt_table_threshold(model: Path, table) -> float:
+    """Make the table's FAR 1e-3 point the file's metadata threshold (what the daemon uses when
+    `match.target_far` is off): the pairs' own FAR 1e-3 point rests on the third-highest of
+    their 3,000 impostor scores, the table's on all cross-identity pairs of the same images."""
+    from facewatch.export.onnx_metadata import set_metadata
+
+    threshold = float(table.threshold_at(1e-3)[0])
+    set_metadata(Path(model), {
+        "threshold": json.dumps(threshold),
+        "threshold_kind": "cosine similarity; same person when >= threshold; FAR 1e-3 over every "
+                          "cross-identity pair of the validation images, through the runtime path"})
+    return threshold
 
 
 def validation_of(summary: dict, which: str) -> dict:

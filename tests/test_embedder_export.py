@@ -183,6 +183,13 @@ def test_export_writes_the_impostor_far_table(exported):
     info = read_embedder_info(onnx_path)
     assert info.far_table == table and table.pairs > 100_000
     assert info.threshold == 0.42   # the rest of the metadata is kept
+    # the CLI then makes the table's FAR 1e-3 point the metadata threshold (no --threshold)
+    from facewatch.export.embedder_onnx import adopt_table_threshold
+
+    adopted = adopt_table_threshold(onnx_path, table)
+    assert adopted == pytest.approx(table.threshold_at(1e-3)[0]) and adopted != 0.42
+    info = read_embedder_info(onnx_path)
+    assert info.threshold == pytest.approx(adopted) and info.far_table == table
 
 
 def test_at_face_height_blurs_a_large_face_and_leaves_a_small_one():
