@@ -61,8 +61,14 @@ def run(args: argparse.Namespace) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.summary and not summary:
         raise FileNotFoundError(f"summary file not found: {args.summary}")
+    if args.val_of == "last" and not summary:
+        raise FileNotFoundError(f"--val-of last needs the run's summary.json: none at {summary_path}")
     if summary:
-        summary = {**summary, "val": validation_of(summary, args.val_of)}
+        try:
+            summary = {**summary, "val": validation_of(summary, args.val_of)}
+        except (KeyError, ValueError) as exc:   # before --out is touched
+            raise ValueError(f"{summary_path}: no usable validation figures for --val-of "
+                             f"{args.val_of} ({exc})") from None
     if not args.no_open_set and summary.get("crop_alignment"):
         # The FAR-table step aligns with a landmark model: refuse a missing one or one of the
         # other layout now, before --out (often the shipped file) is replaced.

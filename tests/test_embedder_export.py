@@ -128,6 +128,28 @@ def test_export_command_reports_a_missing_checkpoint(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+
+def test_export_refuses_a_summary_without_the_epoch_asked_for(tmp_path, caplog):
+    """--val-of last on a summary with no validated epoch, or with no summary at all: one line
+    naming the file, before --out is touched."""
+    from facewatch.daemon.cli import main
+
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"the shipped file")
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"val": {"accuracy": 0.9}, "history": [{"epoch": 1, "loss": 2.0}]}))
+    argv = ["export-embedder", "--model", str(tmp_path / "embedder.keras"), "--out", str(out),
+            "--val-of", "last"]
+    assert main(argv + ["--summary", str(summary)]) == 2
+    assert str(summary) in caplog.text and "no usable validation figures" in caplog.text
+    caplog.clear()
+    lone = ["export-embedder", "--model", str(tmp_path / "run" / "embedder.keras"), "--out",
+            str(out), "--val-of", "last"]
+    assert main(lone) == 2   # no summary.json beside the model
+    assert "--val-of last needs the run's summary.json" in caplog.text
+    assert out.read_bytes() == b"the shipped file"
+
+
 def test_export_refuses_a_landmark_model_it_cannot_align_with_before_writing(exported, tmp_path,
                                                                              caplog):
     """An embedder aligned on the other layout's points than the shipped landmark model places:
