@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
+import collections
 import json
 import logging
 import time
@@ -95,6 +96,17 @@ def impostor_table(keys: list[tuple[str, int]], embeddings: dict, source: str):
     return FarTable.from_scores(sims[names[upper[0]] != names[upper[1]]], len(keys), source)
 
 
+def one_shot_identification(keys: list[tuple[str, int]], embeddings: dict) -> dict | None:
+    """training.open_set_identification on these images, or None when too few people (a
+    --max-pairs subset) leave no strangers beside a full gallery."""
+    from facewatch.training.open_set_identification import GALLERY_SIZE, open_set_identification
+
+    names = [k[0] for k in keys]
+    if sum(c >= 2 for c in collections.Counter(names).values()) <= GALLERY_SIZE:
+        return None
+    return open_set_identification(names, np.stack([embeddings[k] for k in keys]))
+
+
 def tar_at_table_far(genuine: np.ndarray, table, far: float) -> float | None:
     """Share of same-person pairs at or above the table's threshold for `far`. The pairs' own
     TAR at FAR 1e-3 rests on the third-highest of their 3,000 impostor scores and moves by
@@ -128,6 +140,7 @@ def evaluate_pairs(embedder, pairs: list[Pair], folds: list[int], images_dir: Pa
         keys, embeddings, f"{source}: every cross-identity pair of its {len(keys)} images, "
                           f"{embedder.crop_spec.alignment} crops, boxes from {boxer.description}")
     report["tar_at_far_1e-3_all_impostors"] = tar_at_table_far(scores[labels], table, 1e-3)
+    report["open_set"] = one_shot_identification(keys, embeddings)
     if roc_png is not None:
         save_roc_png(scores, labels, roc_png, title=f"ROC ({len(pairs)} pairs)")
     return report
@@ -279,6 +292,12 @@ def run(args: argparse.Namespace) -> int:
     if report["tar_at_far_1e-3_all_impostors"] is not None:
         print(f"TAR at the FAR 1e-3 threshold of all {table.pairs} cross-identity pairs: "
               f"{report['tar_at_far_1e-3_all_impostors']:.4f}")
+    open_set = report["open_set"]
+    if open_set is not None:
+        print(f"one-shot identification ({open_set['gallery_size']} people enrolled from one photo, "
+              f"the other {open_set['people'] - open_set['gallery_size']} strangers, "
+              f"{open_set['trials']} random galleries): rank-1 {open_set['rank1']:.4f}, "
+              + ", ".join(f"TPIR {t:.4f} at FPIR {f}" for f, t in open_set["tpir_at_fpir"].items()))
     print(f"best threshold (cosine similarity, all pairs): {report['threshold']:.4f} "
           f"(accuracy {report['accuracy_at_threshold']:.4f})")
     if args.roc_png:
@@ -292,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
                                              "tar_at_far_1e-3_all_impostors", "threshold",
                                              "threshold_at_far_1e-3", "crop_alignment",
                                              "aligned_on_landmarks")}
-                     | {"pairs": report["pairs"], "model": str(args.model),
+                     | {"pairs": report["pairs"], "model": str(args.model), "open_set": open_set,
                         "face_px": args.face_px, "crop_sharpness": report["crop_sharpness"],
                         "impostor_far_table": json.loads(table.to_json())}))
     return 0
