@@ -585,14 +585,18 @@ def _save_curves(history: list[dict], path: Path) -> None:
 
 
 def _validate(embedder_model, data) -> dict:
-    from facewatch.training.evaluate_embedder import KerasEmbedder, embed_images, pair_scores
+    from facewatch.training.evaluate_embedder import (KerasEmbedder, embed_images,
+                                                      one_shot_identification, pair_scores)
     from facewatch.training.verification_metrics import verification_report
 
     embedder = KerasEmbedder(embedder_model, crop_spec=data["crop_spec"], flip_average=True)
     embeddings = embed_images(embedder, data["val_keys"], data["val_crops"])
     scores = pair_scores(data["pairs"], embeddings)
     labels = np.array([p.same for p in data["pairs"]])
-    return verification_report(scores, labels, data["folds"])
+    report = verification_report(scores, labels, data["folds"])
+    open_set = one_shot_identification(data["val_keys"], embeddings)
+    report["tpir_at_fpir_1e-2"] = None if open_set is None else open_set["tpir_at_fpir"]["0.01"]
+    return report
 
 
 def train(args: argparse.Namespace) -> Path:
@@ -673,6 +677,9 @@ def train(args: argparse.Namespace) -> Path:
         if state["epoch"] % args.eval_every == 0 or last:
             metrics = _validate(trainer.embedder, data)
             record.update({key: metrics[name] for name, key in HISTORY_NAMES.items()})
+            # one-shot identification (TPIR at FPIR 1%, evaluate-embedder's figure on the
+            # training's crops); not in HISTORY_NAMES, which older histories must all hold
+            record["val_tpir_at_fpir_1e2"] = metrics["tpir_at_fpir_1e-2"]
             state["last_metrics"] = {**metrics, "epoch": state["epoch"]}
             if metrics["accuracy"] > state["best_accuracy"]:
                 state["best_accuracy"], state["best_epoch"] = metrics["accuracy"], state["epoch"]
@@ -689,7 +696,10 @@ def train(args: argparse.Namespace) -> Path:
         _write_summary(args, state, data, run_dir, trainer)
         _save_curves(state["history"], run_dir / "curves.png")
         val = (f" val acc {record['val_accuracy']:.4f} auc {record['val_auc']:.4f} "
-               f"tar@1e-3 {record['val_tar_at_far_1e3']:.3f}" if "val_accuracy" in record else "")
+               f"tar@1e-3 {record['val_tar_at_far_1e3']:.3f}"
+               + (f" one-shot tpir@fpir1% {record['val_tpir_at_fpir_1e2']:.3f}"
+                  if record.get("val_tpir_at_fpir_1e2") is not None else "")
+               if "val_accuracy" in record else "")
         print(f"epoch {state['epoch']}/{args.epochs}: loss {record['loss']:.4f} lr {record['lr']:.2e}"
               f"{val} ({record['train_s']:.0f} s, {state['elapsed_s'] / 60:.1f} min total)", flush=True)
     if schedule.stopped_by_budget:
