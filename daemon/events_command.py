@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "was not reached)")
     p.add_argument("--server-key", help="CURVE public key of the daemon (Z85, 40 characters, or "
                                         "a zmq certificate file such as server.key from "
-                                        "`facewatch keys`); encrypts the connection")
+                                        "`facewatch keys`); encrypts the connection. A key "
+                                        "that starts with '-' goes as --server-key=KEY")
     p.add_argument("--client-key", help="this subscriber's keypair file (NAME.key_secret from "
                                         "`facewatch keys --client NAME`), for a daemon that "
                                         "admits only known clients (default: a one-off key)")
