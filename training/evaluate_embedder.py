@@ -21,7 +21,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
-import collections
 import json
 import logging
 import time
@@ -99,10 +98,11 @@ def impostor_table(keys: list[tuple[str, int]], embeddings: dict, source: str):
 def one_shot_identification(keys: list[tuple[str, int]], embeddings: dict) -> dict | None:
     """training.open_set_identification on these images, or None when too few people (a
     --max-pairs subset) leave no strangers beside a full gallery."""
-    from facewatch.training.open_set_identification import GALLERY_SIZE, open_set_identification
+    from facewatch.training.open_set_identification import (GALLERY_SIZE, eligible_people,
+                                                            open_set_identification)
 
     names = [k[0] for k in keys]
-    if sum(c >= 2 for c in collections.Counter(names).values()) <= GALLERY_SIZE:
+    if len(eligible_people(names)) <= GALLERY_SIZE:
         return None
     return open_set_identification(names, np.stack([embeddings[k] for k in keys]))
 

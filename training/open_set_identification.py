@@ -23,6 +23,12 @@ TRIALS = 300
 FPIRS = (0.01, 0.001)
 
 
+def eligible_people(names: list[str]) -> list[str]:
+    """People with at least two photos: one to enrol, one to probe with."""
+    unique, counts = np.unique(np.asarray(names), return_counts=True)
+    return [str(p) for p, c in zip(unique, counts) if c >= 2]
+
+
 def open_set_identification(names: list[str], embeddings: np.ndarray,
                             gallery_size: int = GALLERY_SIZE, trials: int = TRIALS,
                             fpirs: tuple[float, ...] = FPIRS, seed: int = 0) -> dict:
@@ -31,8 +37,7 @@ def open_set_identification(names: list[str], embeddings: np.ndarray,
     emb = np.asarray(embeddings, np.float32)
     if emb.ndim != 2 or len(emb) != len(names):
         raise ValueError(f"need one embedding per name: {emb.shape} for {len(names)} names")
-    unique, counts = np.unique(np.asarray(names), return_counts=True)
-    people = [str(p) for p, c in zip(unique, counts) if c >= 2]
+    people = eligible_people(names)
     if len(people) <= gallery_size:
         raise ValueError(f"open-set identification needs more than {gallery_size} people with "
                          f">= 2 photos (some left out as strangers), got {len(people)}")
