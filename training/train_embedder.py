@@ -34,7 +34,7 @@ from facewatch.stages.face_crop import ALIGNMENTS, DEFAULT_CROP_SCALE, CropSpec
 from facewatch.training.embedder_data import (DEFAULT_DETECTOR, DETECTOR_IMGSZ, IdentityBatches,
                                     ShuffledBatches, load_crop_cache)
 from facewatch.training.embedder_losses import LOSSES, MININGS
-from facewatch.training.embedder_model import BACKBONES
+from facewatch.training.embedder_model import BACKBONES, grown_blocks
 from facewatch.training.dlib_teacher import TEACHER_DIM
 from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir, list_people, load_split, read_pairs
 from facewatch.training.paths import runs_dir
@@ -124,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--init-from", type=Path, default=None,
       help="start a new run from a --checkpoint-dir's weights.npz (folder or file): the network "
            "and the ArcFace centres of the classes both runs share (LFW's, in the same order); "
-           "new classes (--labelled-folder) start random")
+           "new classes (--labelled-folder) start random; a deeper --backbone (deep from small) "
+           "starts its extra blocks as pass-through, computing what the checkpoint did")
     a("--consistent-share", type=float, default=0.0,
       help="with --teacher sface: this fraction of each batch is taught by SFace run on the very "
            "augmented crop the student sees (`training.consistent_teacher`), the rest by the cached "
@@ -435,7 +436,9 @@ def _init_from(trainer, path: Path, lfw_classes: int, max_people: int | None = N
     """A committed checkpoint's weights into a new run: every variable of the same path and shape,
     and the ArcFace centres of LFW's `lfw_classes` training people (the first columns in both
     runs, in name order); the classes after them (--labelled-folder) start random, since the two
-    runs need not list the same extra identities. Returns a line for the log."""
+    runs need not list the same extra identities. A network with longer stages (`--backbone
+    deep` from `small`) keeps its extra blocks as built (`grown_blocks`). Returns a line for
+    the log."""
     path = Path(path)
     if path.is_dir():
         path = path / COMMITTED_WEIGHTS
@@ -457,6 +460,8 @@ def _init_from(trainer, path: Path, lfw_classes: int, max_people: int | None = N
     with saved:
         centres = [v for v in trainer.weights if v.path.endswith("centres")]
         others = [v for v in trainer.weights if not v.path.endswith("centres")]
+        grown = grown_blocks(set(saved.files), [v.path for v in others])
+        others = [v for v in others if v.path.split("_", 1)[0] not in grown]
         problems = [v.path for v in others
                     if v.path not in saved or saved[v.path].shape != tuple(v.shape)]
         if problems:
@@ -475,8 +480,10 @@ def _init_from(trainer, path: Path, lfw_classes: int, max_people: int | None = N
             new = np.array(v.numpy())
             new[:, :lfw_classes] = old[:, :lfw_classes]
             v.assign(new)
-    return (f"initialised from {path}: {len(others)} network variables, ArcFace centres of the "
-            f"first {lfw_classes} classes (LFW's)")
+    grew = (f", {len(grown)} new blocks ({', '.join(grown)}) passing their input through"
+            if grown else "")
+    return (f"initialised from {path}: {len(others)} network variables{grew}, ArcFace centres of "
+            f"the first {lfw_classes} classes (LFW's)")
 
 
 def _batches(args, data):
