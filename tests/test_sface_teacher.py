@@ -70,6 +70,33 @@ def test_batch_and_single_embeddings_agree(teacher, lfw):
     assert teacher.embed(image, np.zeros((0, 5, 2))).shape == (0, 128)
 
 
+def test_weights_dequantised_once_compute_what_the_quantised_file_does(teacher, lfw):
+    """load_sface_session folds the int8bq file's weight dequantisation (speed): its vectors must
+    be those of the quantised graph itself, run by onnxruntime (inputs reduced to the image, as
+    the file lists its weights as inputs too)."""
+    import onnx
+    import onnxruntime as ort
+
+    from facewatch.training.sface_teacher import _fold_weight_dequantization
+
+    quantised = onnx.load(str(teacher.sface_path))
+    image_only = [i for i in quantised.graph.input if i.name == "data"]
+    del quantised.graph.input[:]
+    quantised.graph.input.extend(image_only)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(quantised)
+    assert _fold_weight_dequantization(folded, ort) == 29   # every conv's and the last layer's
+    assert not any(n.op_type == "DequantizeLinear" for n in folded.graph.node)
+    reference = ort.InferenceSession(quantised.SerializeToString(), providers=["CPUExecutionProvider"])
+    image = cv2.imread(str(sorted(lfw.glob("B*/*.jpg"))[0]))
+    _, points, _ = teacher.central_face(image)
+    blob = np.ascontiguousarray(teacher.crops(image, points[None])[..., ::-1].transpose(0, 3, 1, 2),
+                                np.float32)
+    expected = reference.run(None, {"data": blob})[0][0]
+    got = teacher.session.run(None, {teacher.input_name: blob})[0][0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_arcface_geometry_puts_points_on_the_template(teacher, lfw):
     # An exact similarity of the template is undone within a hundredth of a pixel...
     angle, scale, shift = np.radians(17.0), 1.7, np.array([40.0, 25.0])
