@@ -20,7 +20,7 @@ def test_grown_blocks_are_the_ones_that_only_lengthen_a_stage():
     saved |= {"stem_conv/kernel", "projection/kernel"}
     wanted = sorted(saved | {f"s2b{b}_{part}" for b in (4, 5, 6, 7, 10)
                              for part in ("dwconv/kernel", "scale/gamma")})
-    assert grown_blocks(saved, wanted) == ["s2b4", "s2b5", "s2b6", "s2b7", "s2b10"]
+    assert grown_blocks(saved, wanted) == [(2, 4), (2, 5), (2, 6), (2, 7), (2, 10)]
     assert grown_blocks(saved, sorted(saved)) == []
     # a block missing in the middle of a saved stage is not growth
     assert grown_blocks(saved - {"s1b0_dwconv/kernel"}, sorted(saved)) == []
@@ -73,3 +73,7 @@ def test_a_checkpoint_that_is_not_a_shorter_network_is_refused_by_name(tmp_path)
     _commit_checkpoint(_trainer("wide"), {"args": {"max_people": None}}, folder)
     with pytest.raises(ValueError, match="does not fit this network"):
         _init_from(_trainer("deep"), folder, CLASSES)
+    # growth only: a deeper checkpoint into a shorter network would drop trained blocks
+    _commit_checkpoint(_trainer("deep"), {"args": {"max_people": None}}, folder)
+    with pytest.raises(ValueError, match=r"blocks this network lacks \(\['s2b4_dwconv'"):
+        _init_from(_trainer("small"), folder, CLASSES)

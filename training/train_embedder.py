@@ -34,7 +34,7 @@ from facewatch.stages.face_crop import ALIGNMENTS, DEFAULT_CROP_SCALE, CropSpec
 from facewatch.training.embedder_data import (DEFAULT_DETECTOR, DETECTOR_IMGSZ, IdentityBatches,
                                     ShuffledBatches, load_crop_cache)
 from facewatch.training.embedder_losses import LOSSES, MININGS
-from facewatch.training.embedder_model import BACKBONES, grown_blocks
+from facewatch.training.embedder_model import BACKBONES, block_of, grown_blocks
 from facewatch.training.dlib_teacher import TEACHER_DIM
 from facewatch.training.lfw import VAL_PAIRS_FILE, default_images_dir, list_people, load_split, read_pairs
 from facewatch.training.paths import runs_dir
@@ -461,7 +461,14 @@ def _init_from(trainer, path: Path, lfw_classes: int, max_people: int | None = N
         centres = [v for v in trainer.weights if v.path.endswith("centres")]
         others = [v for v in trainer.weights if not v.path.endswith("centres")]
         grown = grown_blocks(set(saved.files), [v.path for v in others])
-        others = [v for v in others if v.path.split("_", 1)[0] not in grown]
+        others = [v for v in others if block_of(v.path) not in grown]
+        # the reverse of growth would drop trained blocks and compute something else
+        here = {v.path for v in trainer.weights}
+        dropped = sorted({p.split("/", 1)[0] for p in saved.files if block_of(p) and p not in here})
+        if dropped:
+            raise ValueError(f"--init-from {path}: has blocks this network lacks ({dropped[:3]}"
+                             f"{'...' if len(dropped) > 3 else ''}); it was trained as a deeper "
+                             f"--backbone, which --init-from can grow from but not shrink to")
         problems = [v.path for v in others
                     if v.path not in saved or saved[v.path].shape != tuple(v.shape)]
         if problems:
@@ -480,7 +487,8 @@ def _init_from(trainer, path: Path, lfw_classes: int, max_people: int | None = N
             new = np.array(v.numpy())
             new[:, :lfw_classes] = old[:, :lfw_classes]
             v.assign(new)
-    grew = (f", {len(grown)} new blocks ({', '.join(grown)}) passing their input through"
+    grew = (f", {len(grown)} new blocks ({', '.join(f's{s}b{b}' for s, b in grown)}) passing "
+            f"their input through"
             if grown else "")
     return (f"initialised from {path}: {len(others)} network variables{grew}, ArcFace centres of "
             f"the first {lfw_classes} classes (LFW's)")
